@@ -1,0 +1,28 @@
+# `make demo` and `make test` are the two set-up commands: each installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# Rebuilt only when pyproject.toml changes; idempotent.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/dsd-run experiment=demo
+
+test: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled WANDB_SILENT=true $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check dsd tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,132 @@
+"""Typed structured configs. Hydra composes conf/ on top of these, so a wrong type or an unknown
+key fails at start-up with the key's full name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from dsd.errors import UserError
+
+
+@dataclass
+class GuidanceConfig:
+    name: str = MISSING
+
+
+@dataclass
+class PriorConfig:
+    name: str = MISSING
+
+
+@dataclass
+class RepresentationConfig:
+    name: str = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 400
+    seed_batch: int = 4  # seeds optimized together; prior rows of all seeds go in one call
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.03
+    checkpoint_every: int = 100  # steps between resumable checkpoints (0: only on interrupt)
+    log_every: int = 10
+    resume: bool = False  # continue from seed_<s>/checkpoint.pt in the run dir
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "dsd"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # defaults to the multirun sweep dir, so a sweep is one group
+
+
+@dataclass
+class SamplerConfig:
+    """Plain DDIM sampling of the prior (dsd-sample)."""
+
+    steps: int = 10
+    cfg_scale: float = 7.5
+
+
+@dataclass
+class Config:
+    prompt: str = "a hamburger"
+    seeds: Any = field(default_factory=lambda: [0, 1, 2, 3])  # list of ints or a count
+    device: str = "auto"  # auto | cpu | cuda
+    guidance: GuidanceConfig = MISSING
+    prior: PriorConfig = MISSING
+    representation: RepresentationConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+def register_configs() -> None:
+    from dsd import registry
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+    registry.load_all()
+
+
+def _one_of(key: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise UserError(f"{key}={value!r} is not accepted; use one of: {', '.join(accepted)}.")
+
+
+def resolve_seeds(seeds: Any) -> list[int]:
+    """`seeds=[0,1,2]` is used as is; `seeds=4` means [0, 1, 2, 3]."""
+    bad = UserError(
+        f"seeds={seeds!r} is not accepted; give a non-empty list of ints (seeds=[0,1,2,3]) "
+        "or a positive count (seeds=4)."
+    )
+    if isinstance(seeds, bool):
+        raise bad
+    if isinstance(seeds, int):
+        if seeds <= 0:
+            raise bad
+        return list(range(seeds))
+    if isinstance(seeds, (list, tuple)) and seeds:
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise bad
+        if len(set(seeds)) != len(seeds):
+            raise UserError(f"seeds={list(seeds)} repeats a seed; each seed must appear once.")
+        return list(seeds)
+    raise bad
+
+
+def validate(cfg: Config) -> list[int]:
+    """Check values that types alone cannot; returns the resolved seed list."""
+    if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
+        raise UserError(f'prompt={cfg.prompt!r} is empty; give a text prompt, e.g. prompt="a corgi".')
+    seeds = resolve_seeds(cfg.seeds)
+    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _one_of("trainer.optimizer", cfg.trainer.optimizer, ("adam", "sgd"))
+    _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    for key, value in (
+        ("trainer.steps", cfg.trainer.steps),
+        ("trainer.seed_batch", cfg.trainer.seed_batch),
+        ("sampler.steps", cfg.sampler.steps),
+    ):
+        if value <= 0:
+            raise UserError(f"{key}={value} must be a positive integer.")
+    if cfg.trainer.lr <= 0:
+        raise UserError(f"trainer.lr={cfg.trainer.lr} must be positive.")
+    if cfg.trainer.checkpoint_every < 0:
+        raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every} must be >= 0.")
+    return seeds
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda was asked for but no CUDA device is available; use device=cpu or auto.")
+    return torch.device(name)

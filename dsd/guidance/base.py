@@ -1,0 +1,66 @@
+"""The Guidance interface: grad(x, ctx) -> ∂L/∂x in the prior's space."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dsd.priors.base import Condition, Prior
+
+
+@dataclass
+class GuidanceContext:
+    """Everything a guidance needs about the rows of one optimization step."""
+
+    prior: Prior
+    cond: Condition  # B rows
+    seeds: list[int]  # seed of each row
+    eps_star: Tensor  # (B, C, H, W) each row's fixed noise ε*
+    generators: list[torch.Generator]  # each row's seed stream for per-step randomness
+    step: int  # 0-based optimization step
+    steps: int  # total optimization steps N
+
+    def trajectory_keys(self) -> list[Hashable]:
+        """A row follows the ODE of (its seed, its condition)."""
+        return [(seed, self.cond.cache_key(row)) for row, seed in enumerate(self.seeds)]
+
+    def randn_like_rows(self, x: Tensor) -> Tensor:
+        """Fresh N(0, I) noise per row from each row's own generator. (B, C, H, W)"""
+        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators]).to(x)
+
+    def rand_rows(self) -> Tensor:
+        """One U[0, 1) per row from each row's own generator. (B,)"""
+        return torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+
+
+class Guidance(abc.ABC):
+    """A score-distillation method. Subclasses own their timestep schedule and whether they use a
+    fixed per-seed noise ε*."""
+
+    def __init__(self, cfg: Any, prior: Prior) -> None:
+        self.cfg = cfg
+        self.prior = prior
+
+    @abc.abstractmethod
+    def grad(self, x: Tensor, ctx: GuidanceContext) -> tuple[Tensor, dict[str, float]]:
+        """∂L/∂x for renders x (B, C, H, W) in prior space, and scalars to log."""
+
+    def initial_target(self, ctx: GuidanceContext) -> Tensor | None:
+        """Prior-space images (B, C, H, W) the representation should start from, or None."""
+        return None
+
+    def optimizer_override(self, steps: int) -> tuple[str, float] | None:
+        """(optimizer, lr) this method needs, overriding trainer.*; None keeps the trainer's."""
+        return None
+
+    def state_for(self, seed: int) -> dict:
+        """Per-seed state to checkpoint (e.g. cached ODE trajectories)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:  # noqa: B027 (optional hook, stateless by default)
+        """Restore what `state_for` returned."""

@@ -1,0 +1,85 @@
+"""Run-dir files. Every write goes to a temporary file first and is renamed into place, so a
+crash or Ctrl-C never leaves a half-written file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_result(path: Path, image: np.ndarray) -> None:
+    """result.npz with `image`: float32 (H, W, 3) in [0, 1]."""
+    buffer = io.BytesIO()
+    np.savez(buffer, image=np.asarray(image, dtype=np.float32))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_result(path: Path) -> np.ndarray:
+    with np.load(path) as data:
+        return data["image"]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(np.asarray(image), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def upscale(image: np.ndarray, min_size: int = 256) -> Image.Image:
+    """Nearest-neighbour upscale so small (32 px) images are visible; pixels stay pixels."""
+    pil = Image.fromarray(to_uint8(image))
+    factor = max(1, -(-min_size // max(pil.size)))
+    return pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
+
+
+def save_png(path: Path, image: np.ndarray, min_size: int = 256) -> None:
+    buffer = io.BytesIO()
+    upscale(image, min_size).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def make_grid(images: list[np.ndarray], labels: list[str], tile: int = 160) -> Image.Image:
+    """All seeds side by side with a label under each: diversity at a glance."""
+    pad, text_h = 6, 16
+    grid = Image.new("RGB", (len(images) * (tile + pad) + pad, tile + text_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x = pad + i * (tile + pad)
+        grid.paste(Image.fromarray(to_uint8(image)).resize((tile, tile), Image.NEAREST), (x, pad))
+        draw.text((x + 2, pad + tile + 2), label, fill="black")
+    return grid
+
+
+def save_grid(path: Path, images: list[np.ndarray], labels: list[str]) -> None:
+    buffer = io.BytesIO()
+    make_grid(images, labels).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())

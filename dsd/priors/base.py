@@ -1,0 +1,160 @@
+"""The Prior interface and the diffusion formulas every guidance shares (one formula, one place).
+
+Notation (paper Sec. 3.1): a = alphas_cumprod[t] (ᾱ), x_t = √a·x0 + √(1−a)·ε.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def scaled_linear_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Tensor:
+    """ᾱ of Stable Diffusion's "scaled_linear" beta schedule, in float64. (T,)"""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def per_row(a: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, 1, 1) in the dtype of `like`, so it broadcasts over (B, C, H, W)."""
+    return a.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def add_noise(x0: Tensor, eps: Tensor, a: Tensor) -> Tensor:
+    """x_t = √a·x0 + √(1−a)·ε  (forward process; also the interpolation of DSD Eq. 9)."""
+    a = per_row(a, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, a: Tensor) -> Tensor:
+    """One-step data prediction x0 = (x_t − √(1−a)·ε) / √a  (Eq. 3, in x_t form)."""
+    a = per_row(a, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, a: Tensor) -> Tensor:
+    """ε = (x_t − √a·x0) / √(1−a): the noise that explains x_t given x0."""
+    a = per_row(a, x_t)
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def sigma(a: Tensor) -> Tensor:
+    """σ(t) = √(1−ᾱ)/√ᾱ, the noise scale of x̄ = x/√ᾱ (Sec. 3.1)."""
+    return ((1 - a) / a).sqrt()
+
+
+def classifier_free_guidance(eps_uncond: Tensor, eps_cond: Tensor, scale: Tensor) -> Tensor:
+    """ε_g = ε_u + g·(ε_c − ε_u) (Ho & Salimans 2022); g per row, (B,)."""
+    return eps_uncond + per_row(scale, eps_cond) * (eps_cond - eps_uncond)
+
+
+@dataclass
+class Condition:
+    """Per-row conditioning. Every tensor field has the batch as its first dimension, so
+    `rows`/`cat` work for any prior's condition without prior-specific code."""
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)]
+
+    def __len__(self) -> int:
+        return len(getattr(self, self._tensor_fields()[0]))
+
+    def rows(self, index: Tensor | Sequence[int]) -> Condition:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return dataclasses.replace(
+            self,
+            **{
+                name: getattr(self, name)[index.to(getattr(self, name).device)]
+                for name in self._tensor_fields()
+            },
+        )
+
+    @classmethod
+    def cat(cls, conditions: Sequence[Condition]) -> Condition:
+        first = conditions[0]
+        return dataclasses.replace(
+            first,
+            **{name: torch.cat([getattr(c, name) for c in conditions]) for name in first._tensor_fields()},
+        )
+
+    def cache_key(self, row: int) -> Hashable:
+        """What makes two rows follow the same ODE (with the same seed): their conditioning."""
+        return tuple(tuple(getattr(self, name)[row].flatten().tolist()) for name in self._tensor_fields())
+
+
+class Prior(torch.nn.Module, abc.ABC):
+    """A pretrained (or exact) noise predictor with classifier-free guidance.
+
+    Subclasses set `alphas_cumprod` (float64, (T,)) and implement `predict_eps` (raw, unguided
+    rows), `condition`, `encode`/`decode` and `sample_shape`.
+    """
+
+    name: str = "prior"
+    alphas_cumprod: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows_evaluated = 0  # prior batch rows evaluated so far (the cost measure)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        """ᾱ at integer timesteps t (B,), float64."""
+        return self.alphas_cumprod.to(t.device)[t.long()]
+
+    @property
+    @abc.abstractmethod
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample in the prior's space (latents for a latent prior)."""
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of decoded pixels; equal to sample_shape for pixel priors."""
+        return (3, *self.sample_shape[1:])
+
+    @abc.abstractmethod
+    def condition(self, prompt: str, batch: int, cameras=None) -> Condition:
+        """Conditioning for `batch` rows of `prompt` (and per-row cameras when the prior uses them)."""
+
+    @abc.abstractmethod
+    def predict_eps(self, x_t: Tensor, t: Tensor, cond: Condition, unconditional: Tensor) -> Tensor:
+        """Raw ε̂ for each row; row i is evaluated unconditionally where unconditional[i]."""
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Pixels in [0, 1] (B, 3, H, W) -> prior space. Pixel priors use [−1, 1]."""
+        return images * 2 - 1
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Prior space -> pixels in [0, 1]."""
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def eps(self, x_t: Tensor, t: Tensor, cond: Condition, cfg_scale: float | Tensor) -> Tensor:
+        """Guided ε̂ for B rows in ONE batched call. (B, C, H, W), t (B,), cfg_scale float or (B,).
+
+        Unconditional rows are added only for rows whose scale is not 1 (at g = 1, CFG is the
+        conditional prediction), so mixed-scale batches such as DSD's two points cost no waste.
+        """
+        batch = x_t.shape[0]
+        scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=x_t.device).expand(batch)
+        guided = (scale != 1).nonzero().flatten()
+        x_all = torch.cat([x_t, x_t[guided]])
+        t_all = torch.cat([t, t[guided]])
+        cond_all = Condition.cat([cond, cond.rows(guided.cpu())]) if len(guided) else cond
+        unconditional = torch.zeros(len(x_all), dtype=torch.bool, device=x_t.device)
+        unconditional[batch:] = True
+        raw = self.predict_eps(x_all, t_all, cond_all, unconditional)
+        self.rows_evaluated += len(x_all)
+        out = raw[:batch].clone()
+        if len(guided):
+            out[guided] = classifier_free_guidance(raw[batch:], raw[guided], scale[guided])
+        return out

@@ -1,0 +1,161 @@
+"""One experiment: build the parts from the config, sweep the seeds in batches, write outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dsd import registry
+from dsd.config import Config, resolve_device, validate
+from dsd.logging import RunLogger, console, make_progress
+from dsd.metrics.reference import nearest_reference, summarize_references
+from dsd.outputs import load_result, save_grid, save_json, save_png, save_result
+from dsd.trainer import SeedState, Trainer
+
+
+def build_prior(cfg: Config, device: torch.device):
+    return registry.build("prior", cfg.prior, device=device)
+
+
+def reference_metrics(prior, prompt: str, image: torch.Tensor) -> dict:
+    """nearest_reference / psnr_to_reference when the prior knows its data (analytic)."""
+    if not hasattr(prior, "references"):
+        return {}
+    refs = prior.references(prompt).permute(0, 2, 3, 1)  # (K, H, W, 3)
+    k, db = nearest_reference(image, refs)
+    return {"nearest_reference": k, "psnr_to_reference": db}
+
+
+def sweep_group(cfg: Config) -> str | None:
+    """W&B group: the configured one, else the multirun sweep dir (one group per sweep)."""
+    if cfg.wandb.group:
+        return cfg.wandb.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+            return Path(hydra_cfg.sweep.dir).name
+    except ValueError:
+        pass
+    return None
+
+
+def seed_entry(state: SeedState, metrics: dict) -> dict:
+    return {
+        "seed": state.seed,
+        "steps": state.step,
+        "wall_s": round(state.wall_s, 4),
+        "prior_rows": state.prior_rows,
+        "skipped_steps": state.skipped_steps,
+        "final_loss": state.losses[-1] if state.losses else None,
+        **metrics,
+    }
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Optimize one representation per seed; returns the summary written to summary.json."""
+    seeds = validate(cfg)
+    device = resolve_device(cfg.device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    prior = build_prior(cfg, device)
+    guidance = registry.build("guidance", cfg.guidance, prior=prior)
+    make_rep = lambda: registry.build("representation", cfg.representation, prior=prior, device=device)  # noqa: E731
+    logger = RunLogger(
+        cfg.wandb.mode,
+        run_dir,
+        OmegaConf.to_container(OmegaConf.structured(cfg)),
+        cfg.wandb.project,
+        cfg.wandb.entity,
+        sweep_group(cfg),
+        name=f"{cfg.guidance.name}-{cfg.prompt[:40]}",
+    )
+    progress = make_progress()
+    total = progress.add_task("all seeds", total=len(seeds) * cfg.trainer.steps, info="")
+
+    def on_step(states: list[SeedState], info: dict) -> None:
+        progress.advance(batch_task, len(states))
+        progress.advance(total, len(states))
+        step = states[0].step
+        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps:
+            loss = sum(s.losses[-1] for s in states) / len(states)
+            progress.update(batch_task, info=f"loss {loss:.4g}  t {info.get('t', float('nan')):.0f}")
+            logger.log(
+                {
+                    "step": step,
+                    **{f"seed_{s.seed}/loss": s.losses[-1] for s in states},
+                    **{f"guidance/{k}": v for k, v in info.items()},
+                }
+            )
+
+    trainer = Trainer(prior, guidance, cfg.prompt, cfg.trainer, run_dir, make_rep, device, on_step)
+    entries, images = [], []
+    with progress:
+        for first in range(0, len(seeds), cfg.trainer.seed_batch):
+            batch_seeds = seeds[first : first + cfg.trainer.seed_batch]
+            states = [trainer.load_or_new(seed, cfg.trainer.resume) for seed in batch_seeds]
+            batch_task = progress.add_task(
+                f"seeds {batch_seeds}", total=cfg.trainer.steps * len(states), info=""
+            )
+            done = sum(s.step for s in states)
+            progress.advance(batch_task, done)
+            progress.advance(total, done)
+            trainer.optimize(states)
+            for state in states:
+                seed_dir = run_dir / f"seed_{state.seed}"
+                image = state.representation.final_image(prior)  # (H, W, 3) in [0, 1]
+                save_result(seed_dir / "result.npz", image.numpy())
+                save_png(seed_dir / "final.png", image.numpy())
+                state.representation.export(seed_dir, prior)
+                entries.append(seed_entry(state, reference_metrics(prior, cfg.prompt, image)))
+                images.append(load_result(seed_dir / "result.npz"))
+            progress.remove_task(batch_task)
+            logger.log_images(
+                {
+                    f"seed_{e['seed']}/final": im
+                    for e, im in zip(entries[-len(states) :], images[-len(states) :])
+                }
+            )
+
+    labels = [
+        f"seed {e['seed']}" + (f"  ref {e['nearest_reference']}" if "nearest_reference" in e else "")
+        for e in entries
+    ]
+    save_grid(run_dir / "grid.png", images, labels)
+    total_steps = sum(e["steps"] for e in entries)
+    summary = {
+        "prompt": cfg.prompt,
+        "guidance": cfg.guidance.name,
+        "prior": cfg.prior.name,
+        "representation": cfg.representation.name,
+        "wall_s": round(time.perf_counter() - started, 3),
+        "prior_rows_per_step": sum(e["prior_rows"] for e in entries) / total_steps,
+        "seeds": entries,
+        "config": {"guidance": asdict(cfg.guidance), "trainer": asdict(cfg.trainer)},
+    }
+    if entries and "nearest_reference" in entries[0]:
+        summary.update(
+            summarize_references(
+                [e["nearest_reference"] for e in entries], [e["psnr_to_reference"] for e in entries]
+            )
+        )
+    save_json(run_dir / "summary.json", summary)
+    from PIL import Image
+
+    logger.log_images({"grid": __import__("numpy").asarray(Image.open(run_dir / "grid.png")) / 255.0})
+    logger.log_summary(summary)
+    logger.finish()
+    console.print(f"[green]done[/green] {len(entries)} seeds in {summary['wall_s']:.1f}s -> {run_dir}")
+    if "distinct_references" in summary:
+        console.print(
+            f"distinct references {summary['distinct_references']}/{len(entries)}, "
+            f"mean PSNR {summary['mean_psnr_to_reference']:.2f} dB"
+        )
+    return summary

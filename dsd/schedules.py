@@ -1,0 +1,35 @@
+"""Timestep schedules and the loss weight w(t)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def loss_weight(a: Tensor) -> Tensor:
+    """w(t) = 1 − ᾱ(t), DreamFusion's weighting (threestudio "sds" weighting)."""
+    return 1 - a
+
+
+def annealed_timestep(step: int, steps: int, t_max: int, t_min: int, kind: str) -> int:
+    """Deterministic t going from t_max (step 0) to t_min (step `steps`).
+
+    kind="sqrt" follows the official DSD code: progress p = (step/steps)^0.5, so the run spends
+    less time at large t; kind="linear" is Alg. 1's t = T(1 − i/N) between the same bounds.
+    """
+    progress = step / steps
+    if kind == "sqrt":
+        progress = progress**0.5
+    elif kind != "linear":
+        raise ValueError(f"unknown annealing {kind!r}")
+    return int(t_min + (t_max - t_min) * (1 - progress))
+
+
+def uniform_timestep(generator: torch.Generator, t_min: int, t_max: int) -> int:
+    """t ~ U{t_min, …, t_max} (SDS), drawn from the seed's own generator."""
+    return int(torch.randint(t_min, t_max + 1, (), generator=generator))
+
+
+def timestep_bounds(num_train_timesteps: int, min_frac: float, max_frac: float) -> tuple[int, int]:
+    """Fractions of T to integer steps the way threestudio does: int(T·frac)."""
+    return int(num_train_timesteps * min_frac), int(num_train_timesteps * max_frac)

@@ -1,0 +1,183 @@
+"""The optimization loop for one batch of seeds (reads like Alg. 1 / Alg. 3 of the paper).
+
+Each seed owns its representation, optimizer and generators; a batch only stacks their renders
+so that the prior sees all rows in one call. A seed's result therefore does not depend on which
+other seeds share its batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dsd.config import TrainerConfig
+from dsd.guidance.base import Guidance, GuidanceContext
+from dsd.outputs import save_torch
+from dsd.priors.base import Prior
+from dsd.representations.base import Representation
+from dsd.seeding import seed_noise, step_generator
+
+
+@dataclass
+class SeedState:
+    seed: int
+    representation: Representation
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # per-step randomness of this seed
+    eps_star: Tensor  # (C, H, W) fixed noise of this seed
+    step: int = 0
+    initialized: bool = False  # guidance's initial target applied
+    prior_rows: float = 0.0  # prior rows attributed to this seed (its share of each batched call)
+    wall_s: float = 0.0
+    skipped_steps: int = 0  # steps skipped by the NaN guard
+    losses: list[float] = field(default_factory=list)
+
+
+def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        # betas/eps of the official DSD config (configs/dsd.yaml)
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), eps=1e-15)
+    return torch.optim.SGD(params, lr=lr)
+
+
+class Trainer:
+    def __init__(
+        self,
+        prior: Prior,
+        guidance: Guidance,
+        prompt: str,
+        cfg: TrainerConfig,
+        run_dir: Path,
+        make_representation: Callable[[], Representation],
+        device: torch.device,
+        on_step: Callable[[list[SeedState], dict], None] | None = None,
+    ) -> None:
+        self.prior, self.guidance, self.prompt, self.cfg = prior, guidance, prompt, cfg
+        self.run_dir, self.make_representation, self.device = Path(run_dir), make_representation, device
+        self.on_step = on_step
+        override = guidance.optimizer_override(cfg.steps)
+        self.optimizer_name, self.lr = cfg.optimizer, cfg.lr
+        if override is not None:
+            self.optimizer_name = override[0]
+            self.lr = override[1] if override[1] is not None else cfg.lr
+
+    # ---- state, checkpoints -------------------------------------------------------------
+    def checkpoint_path(self, seed: int) -> Path:
+        return self.run_dir / f"seed_{seed}" / "checkpoint.pt"
+
+    def new_state(self, seed: int) -> SeedState:
+        representation = self.make_representation().to(self.device)
+        return SeedState(
+            seed=seed,
+            representation=representation,
+            optimizer=make_optimizer(representation.parameters(), self.optimizer_name, self.lr),
+            generator=step_generator(seed),
+            eps_star=seed_noise(seed, self.prior.sample_shape).to(self.device),
+        )
+
+    def save(self, state: SeedState) -> None:
+        save_torch(
+            self.checkpoint_path(state.seed),
+            {
+                "seed": state.seed,
+                "step": state.step,
+                "initialized": state.initialized,
+                "representation": state.representation.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "generator": state.generator.get_state(),
+                "prior_rows": state.prior_rows,
+                "wall_s": state.wall_s,
+                "skipped_steps": state.skipped_steps,
+                "losses": state.losses,
+                "guidance": self.guidance.state_for(state.seed),
+            },
+        )
+
+    def load_or_new(self, seed: int, resume: bool) -> SeedState:
+        state = self.new_state(seed)
+        path = self.checkpoint_path(seed)
+        if not (resume and path.exists()):
+            return state
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        state.representation.load_state_dict(ckpt["representation"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.generator.set_state(ckpt["generator"])
+        for key in ("step", "initialized", "prior_rows", "wall_s", "skipped_steps", "losses"):
+            setattr(state, key, ckpt[key])
+        self.guidance.load_state(ckpt["guidance"])
+        return state
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def context(self, states: list[SeedState], step: int) -> GuidanceContext:
+        return GuidanceContext(
+            prior=self.prior,
+            cond=self.prior.condition(self.prompt, batch=len(states)),
+            seeds=[s.seed for s in states],
+            eps_star=torch.stack([s.eps_star for s in states]),
+            generators=[s.generator for s in states],
+            step=step,
+            steps=self.cfg.steps,
+        )
+
+    def initialize(self, states: list[SeedState]) -> None:
+        fresh = [s for s in states if not s.initialized]
+        if fresh:
+            target = self.guidance.initial_target(self.context(fresh, 0))
+            for i, state in enumerate(fresh):
+                if target is not None:
+                    state.representation.initialize_to(target[i : i + 1], self.prior)
+                state.initialized = True
+
+    def step(self, states: list[SeedState], step: int) -> dict:
+        """One optimization step for seeds that are all at `step`."""
+        start, rows_before = time.perf_counter(), self.prior.rows_evaluated
+        renders = torch.cat([s.representation.render(None) for s in states])  # (B, C, H, W)
+        x = renders if states[0].representation.outputs_prior_space else self.prior.encode(renders)
+        grad, info = self.guidance.grad(x.detach(), self.context(states, step))
+        finite = torch.isfinite(grad).flatten(1).all(1)  # NaN guard: such a seed skips this step
+        grad = torch.where(finite.reshape(-1, 1, 1, 1), grad, torch.zeros_like(grad))
+        # d/dx of Σ x·grad is grad: each seed's parameters get exactly its own row's gradient.
+        loss = (x * grad.detach()).sum()
+        for state in states:
+            loss = loss + sum(state.representation.regularizers().values(), torch.zeros(()))
+            state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        elapsed = time.perf_counter() - start
+        rows = (self.prior.rows_evaluated - rows_before) / len(states)
+        for row, state in enumerate(states):
+            if finite[row]:
+                state.optimizer.step()
+            else:
+                state.skipped_steps += 1
+            state.losses.append(0.5 * float((grad[row] ** 2).sum()))  # official loss_dsd value
+            state.step += 1
+            state.prior_rows += rows
+            state.wall_s += elapsed / len(states)
+        return info
+
+    def optimize(self, states: list[SeedState]) -> None:
+        """Run every state to cfg.steps; saves checkpoints on schedule and on Ctrl-C/crash."""
+        try:
+            self.initialize(states)
+            while pending := [s for s in states if s.step < self.cfg.steps]:
+                step = min(s.step for s in pending)
+                active = [s for s in pending if s.step == step]
+                info = self.step(active, step)
+                if self.on_step is not None:
+                    self.on_step(active, info)
+                every = self.cfg.checkpoint_every
+                if every and (step + 1) % every == 0 and step + 1 < self.cfg.steps:
+                    for state in active:
+                        self.save(state)
+        except BaseException:
+            for state in states:  # keep what was done; resume with trainer.resume=true
+                if state.step > 0:
+                    self.save(state)
+            raise
+        for state in states:
+            self.save(state)

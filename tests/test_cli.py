@@ -1,0 +1,62 @@
+"""The real entry points as a user runs them (subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def dsd(tool, *args, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [str(BIN / tool), f"hydra.run.dir={tmp_path}", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_dsd_run_end_to_end(tmp_path):
+    proc = dsd("dsd-run", "seeds=[0,5]", "trainer.steps=5", "prior.image_size=8", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [e["seed"] for e in summary["seeds"]] == [0, 5] and summary["guidance"] == "dsd"
+
+
+def test_dsd_sample_end_to_end(tmp_path):
+    proc = dsd("dsd-sample", "seeds=3", "sampler.steps=4", "prior.image_size=8", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "seed_2" / "result.npz").exists() and (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["prompt="], "prompt"),
+        (["prompt=   "], "prompt"),
+        (["seeds=[]"], "seeds"),
+        (["seeds=0"], "seeds"),
+        (["seeds=[1,x]"], "seeds"),
+        (["seeds=[1,1]"], "seeds"),
+        (["trainer.steps=0"], "trainer.steps"),
+        (["trainer.steps=-3"], "trainer.steps"),
+        (["guidance=nope"], "sds"),  # the list of accepted options is shown
+        (["prior=nope"], "analytic"),
+        (["guidance.not_a_key=1"], "not_a_key"),
+        (["trainer.steps=abc"], "trainer.steps"),
+        (["device=tpu"], "device"),
+        (["guidance.ode=bogus"], "interp"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, args, needle):
+    proc = dsd("dsd-run", *args, tmp_path=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "summary.json").exists()
