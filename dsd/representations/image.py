@@ -52,10 +52,10 @@ class ImageRepresentation(Representation):
         return self.image
 
     @torch.no_grad()
-    def initialize_to(self, target: Tensor, prior) -> None:
+    def initialize_to(self, target: Tensor, prior, cameras=None) -> None:
         self.image.copy_(target if self.outputs_prior_space else prior.decode(target))
 
     @torch.no_grad()
-    def final_image(self, prior) -> Tensor:
+    def final_image(self, prior, cameras=None) -> Tensor:
         pixels = prior.decode(self.image) if self.outputs_prior_space else self.image.clamp(0, 1)
         return pixels[0].permute(1, 2, 0).float().cpu()
