@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NERFSTUDIO_VERSION := 1.1.5
 
 .PHONY: install demo test lint clean
 
@@ -13,6 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps nerfstudio==$(NERFSTUDIO_VERSION)
 	touch $(STAMP)
 
 demo: install

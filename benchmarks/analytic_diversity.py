@@ -30,10 +30,12 @@ LEVERS = [
 VARIANTS = {
     "sds": ["guidance=sds"],
     "dsd (official defaults)": ["guidance=dsd"],
+    "dsd trainer.lr=0.1": ["guidance=dsd", "trainer.lr=0.1"],
+    "dsd t_schedule=linear": ["guidance=dsd", "guidance.t_schedule=linear"],
     "dsd ode=random (ASD-like)": ["guidance=dsd", "guidance.ode=random"],
     "dsd ode=linear": ["guidance=dsd", "guidance.ode=linear"],
-    "dsd + init=ode_x0": ["guidance=dsd", "guidance.init=ode_x0"],
-    "dsd + all levers": ["guidance=dsd", *LEVERS],
+    "dsd_ode_init (dsd + init=ode_x0)": ["guidance=dsd_ode_init"],
+    "dsd + all design levers": ["guidance=dsd", *LEVERS],
     "dsd_sampling (DSD*)": ["guidance=dsd_sampling"],
 }
 
