@@ -28,22 +28,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
     args = parser.parse_args()
-    common = [f"seeds={args.seeds}", f"trainer.steps={args.steps}", f"prior.image_size={args.image_size}",
-              "wandb.mode=disabled", "device=cpu", "guidance=dsd"]
+    common = [
+        f"seeds={args.seeds}",
+        f"trainer.steps={args.steps}",
+        f"prior.image_size={args.image_size}",
+        "wandb.mode=disabled",
+        "device=cpu",
+        "guidance=dsd",
+    ]
     results: dict[bool, list[dict]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for cache in (True, False):
                 out = Path(tmp) / f"{cache}_{repeat}"
-                results[cache].append(run(compose_config([*common, f"guidance.ode_cache={str(cache).lower()}"]), out))
+                results[cache].append(
+                    run(compose_config([*common, f"guidance.ode_cache={str(cache).lower()}"]), out)
+                )
     rows = {c: statistics.mean(s["prior_rows_per_step"] for s in results[c]) for c in results}
     wall = {c: statistics.median(s["wall_s"] for s in results[c]) for c in results}
-    print(f"\nDSD, analytic prior {args.image_size}px, {args.seeds} seeds x {args.steps} steps, {args.repeats} repeats\n")
+    print(
+        f"\nDSD, analytic prior {args.image_size}px, {args.seeds} seeds x {args.steps} steps, {args.repeats} repeats\n"
+    )
     print("| ode_cache | prior rows / step | median wall s |")
     print("|---|---|---|")
     for cache in (True, False):
         print(f"| {str(cache).lower()} | {rows[cache]:.2f} | {wall[cache]:.2f} |")
-    print(f"\nrows ratio (false/true): {rows[False] / rows[True]:.2f}, wall ratio: {wall[False] / wall[True]:.2f}")
+    print(
+        f"\nrows ratio (false/true): {rows[False] / rows[True]:.2f}, wall ratio: {wall[False] / wall[True]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def make_grid(images: list[np.ndarray], labels: list[str], tile: int = 160) -> I
     return grid
 
 
-def save_grid(path: Path, images: list[np.ndarray], labels: list[str]) -> None:
+def save_grid(path: Path, images: list[np.ndarray], labels: list[str]) -> Image.Image:
+    grid = make_grid(images, labels)
     buffer = io.BytesIO()
-    make_grid(images, labels).save(buffer, format="PNG")
+    grid.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+    return grid

@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -128,7 +129,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         f"seed {e['seed']}" + (f"  ref {e['nearest_reference']}" if "nearest_reference" in e else "")
         for e in entries
     ]
-    save_grid(run_dir / "grid.png", images, labels)
+    grid = save_grid(run_dir / "grid.png", images, labels)
     total_steps = sum(e["steps"] for e in entries)
     summary = {
         "prompt": cfg.prompt,
@@ -147,9 +148,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             )
         )
     save_json(run_dir / "summary.json", summary)
-    from PIL import Image
-
-    logger.log_images({"grid": __import__("numpy").asarray(Image.open(run_dir / "grid.png")) / 255.0})
+    logger.log_images({"grid": np.asarray(grid, dtype=np.float32) / 255.0})
     logger.log_summary(summary)
     logger.finish()
     console.print(f"[green]done[/green] {len(entries)} seeds in {summary['wall_s']:.1f}s -> {run_dir}")

@@ -27,8 +27,19 @@ def test_auto_mode_is_offline_without_a_key_and_online_with_one(monkeypatch, tmp
 def test_offline_wandb_run_logs_into_the_run_dir(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"), WANDB_SILENT="true", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([str(BIN / "dsd-run"), f"hydra.run.dir={tmp_path}/run", "seeds=1", "trainer.steps=3",
-                           "prior.image_size=8"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            str(BIN / "dsd-run"),
+            f"hydra.run.dir={tmp_path}/run",
+            "seeds=1",
+            "trainer.steps=3",
+            "prior.image_size=8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "offline" in proc.stderr
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -37,8 +48,21 @@ def test_offline_wandb_run_logs_into_the_run_dir(tmp_path):
 
 def test_multirun_sweeps_methods_into_separate_run_dirs(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(BIN / "dsd-run"), "--multirun", f"hydra.sweep.dir={tmp_path}", "guidance=dsd,sds",
-                           "seeds=1", "trainer.steps=2", "prior.image_size=8"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            str(BIN / "dsd-run"),
+            "--multirun",
+            f"hydra.sweep.dir={tmp_path}",
+            "guidance=dsd,sds",
+            "seeds=1",
+            "trainer.steps=2",
+            "prior.image_size=8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     methods = sorted(json.loads(p.read_text())["guidance"] for p in tmp_path.glob("*/summary.json"))
     assert methods == ["dsd", "sds"]
