@@ -30,6 +30,7 @@ LEVERS = [
 VARIANTS = {
     "sds": ["guidance=sds"],
     "dsd (official defaults)": ["guidance=dsd"],
+    "dsd ode_target=exact (official ε_ode)": ["guidance=dsd", "guidance.ode_target=exact"],
     "dsd trainer.lr=0.1": ["guidance=dsd", "trainer.lr=0.1"],
     "dsd t_schedule=linear": ["guidance=dsd", "guidance.t_schedule=linear"],
     "dsd ode=random (ASD-like)": ["guidance=dsd", "guidance.ode=random"],

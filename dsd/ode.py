@@ -92,11 +92,23 @@ class OdeTrajectories:
         trajs = self._advance(keys, eps_star, cond, index)
         return torch.stack([traj.eps[int(j)] for traj, j in zip(trajs, index)])
 
-    def x0_at(self, keys: Sequence[Hashable], eps_star: Tensor, cond: Condition, index: Tensor) -> Tensor:
-        """The one-step data prediction x0(g_j) (Eq. 3) for each row. (B, C, H, W)"""
+    def state_at(self, keys: Sequence[Hashable], eps_star: Tensor, cond: Condition, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(x(g_j), ε(g_j)) with j = index[row] for each row. Both (B, C, H, W)."""
         trajs = self._advance(keys, eps_star, cond, index)
         x = torch.stack([traj.xs[int(j)] for traj, j in zip(trajs, index)])
-        e = torch.stack([traj.eps[int(j)] for traj, j in zip(trajs, index)])
+        return x, torch.stack([traj.eps[int(j)] for traj, j in zip(trajs, index)])
+
+    def eps_exactly_at(self, keys: Sequence[Hashable], eps_star: Tensor, cond: Condition, t: Tensor) -> Tensor:
+        """ε̂ at an arbitrary t on the ODE, as the official DSD code: a partial DDIM step from the
+        last grid point at or above t down to t, then one more prior call at t. (B, C, H, W)"""
+        j = self.grid_index_at_or_above(t)
+        x_j, eps_j = self.state_at(keys, eps_star, cond, j)
+        x_t = ddim_step(x_j, eps_j, self.prior.alpha(self.grid[j.cpu()]), self.prior.alpha(t.cpu()))
+        return self.prior.eps(x_t, t.to(x_t.device), cond, self.cfg_scale)
+
+    def x0_at(self, keys: Sequence[Hashable], eps_star: Tensor, cond: Condition, index: Tensor) -> Tensor:
+        """The one-step data prediction x0(g_j) (Eq. 3) for each row. (B, C, H, W)"""
+        x, e = self.state_at(keys, eps_star, cond, index)
         return x0_from_eps(x, e, self.prior.alpha(self.grid[index.cpu()]).to(x.device))
 
     def state_for(self, seed: int) -> dict:

@@ -67,3 +67,22 @@ def test_x0_at_is_eq3_of_the_trajectory_state():
     torch.testing.assert_close(
         x0[0], x0_from_eps(traj.xs[2][None], traj.eps[2][None], prior.alpha(ode.grid[j]))[0]
     )
+
+
+def test_eps_exactly_at_steps_from_the_grid_point_and_matches_it_on_the_grid():
+    prior = make_prior()
+    cond = prior.condition("a dog", batch=2)
+    eps_star = torch.randn(2, *prior.sample_shape, generator=torch.Generator().manual_seed(5))
+    ode = OdeTrajectories(prior, 10, 7.5)
+    keys = [(0,), (1,)]
+    on_grid = ode.eps_exactly_at(keys, eps_star, cond, torch.tensor([799, 499]))
+    torch.testing.assert_close(on_grid, ode.eps_at(keys, eps_star, cond, torch.tensor([2, 5])), atol=1e-6, rtol=0)
+    t = torch.tensor([750, 333])
+    off_grid = ode.eps_exactly_at(keys, eps_star, cond, t)
+    for row, (j, tt) in enumerate(((2, 750), (6, 333))):  # independent: state at g_j, DDIM step, ε there
+        x_j, e_j = ode.trajectories[keys[row]].xs[j], ode.trajectories[keys[row]].eps[j]
+        a_j, a_t = prior.alpha(ode.grid[j : j + 1]), prior.alpha(torch.tensor([tt]))
+        x_t = ddim_step(x_j[None], e_j[None], a_j, a_t)
+        expected = prior.eps(x_t, torch.tensor([tt]), cond.rows([row]), 7.5)
+        torch.testing.assert_close(off_grid[row : row + 1], expected)
+    assert not torch.allclose(off_grid, ode.eps_at(keys, eps_star, cond, torch.tensor([2, 6])), atol=1e-3)

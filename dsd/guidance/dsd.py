@@ -34,6 +34,8 @@ class DSDConfig(GuidanceConfig):
     ode_cfg_scale: float = 7.5  # along the ODE
     ode_steps: int = 10  # N_ddim
     ode_cache: bool = True  # False re-simulates the ODE every step (official behaviour)
+    ode_target: str = "grid"  # grid: ε at the grid point at or above t+δ (cached, free) |
+    # exact: step the ODE to t+δ itself and evaluate ε there (official code; +1 prior call/step)
     t_schedule: str = "sqrt"  # sqrt (official) | linear (Alg. 1) | random (uniform, SDS-like)
     t_min: float = 0.32  # fractions of T (official configs/dsd.yaml)
     t_max: float = 0.98
@@ -87,6 +89,7 @@ class DSD(OdeGuidance):
     def __init__(self, cfg: DSDConfig, prior) -> None:
         super().__init__(cfg, prior)
         check_choice("guidance.ode", cfg.ode, ("interp", "random", "linear"))
+        check_choice("guidance.ode_target", cfg.ode_target, ("grid", "exact"))
         check_choice("guidance.t_schedule", cfg.t_schedule, ("sqrt", "linear", "random"))
         if not 0 <= cfg.t_min <= cfg.t_max < 1:
             raise UserError(f"guidance.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min <= t_max < 1.")
@@ -107,7 +110,9 @@ class DSD(OdeGuidance):
 
     def grad(self, x, ctx: GuidanceContext):
         t, t_plus, _ = self.timesteps(ctx)
-        if self.cfg.ode == "interp":
+        if self.cfg.ode == "interp" and self.cfg.ode_target == "exact":
+            eps_ode = self.ode.eps_exactly_at(ctx.trajectory_keys(), ctx.eps_star, ctx.cond, t_plus).to(x)
+        elif self.cfg.ode == "interp":
             j = self.ode.grid_index_at_or_above(t_plus)
             eps_ode = self.ode.eps_at(ctx.trajectory_keys(), ctx.eps_star, ctx.cond, j).to(x)
         elif self.cfg.ode == "random":
