@@ -75,7 +75,7 @@ class Trainer:
         return SeedState(
             seed=seed,
             representation=representation,
-            optimizer=make_optimizer(representation.parameters(), self.optimizer_name, self.lr),
+            optimizer=representation.make_optimizer(self.optimizer_name, self.lr),
             generator=step_generator(seed),
             eps_star=seed_noise(seed, self.prior.sample_shape).to(self.device),
         )
@@ -152,6 +152,7 @@ class Trainer:
         for row, state in enumerate(states):
             if finite[row]:
                 state.optimizer.step()
+                state.representation.after_step(step, state.optimizer)
             else:
                 state.skipped_steps += 1
             state.losses.append(0.5 * float((grad[row] ** 2).sum()))  # official loss_dsd value
