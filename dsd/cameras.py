@@ -99,3 +99,26 @@ def turntable(n: int, elevation_deg: float, distance: float, fovy_deg: float, wi
     return orbit_cameras(full(elevation_deg), azimuth, full(distance), full(fovy_deg), width, height)
 
 
+
+def _uniform(generator: torch.Generator, n: int, low_high) -> Tensor:
+    low, high = (float(v) for v in low_high)
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def sample_cameras(generator: torch.Generator, n: int, cfg, size: int) -> Cameras:
+    """n random training cameras from `cfg` (dsd.config.CameraConfig), drawn from the seed's own
+    generator; with cfg.quantize_deg > 0 elevation and azimuth snap to that grid."""
+    elevation = _uniform(generator, n, cfg.elevation_range)
+    azimuth = _uniform(generator, n, cfg.azimuth_range)
+    distance = _uniform(generator, n, cfg.distance_range)
+    fovy = _uniform(generator, n, cfg.fovy_range)
+    if cfg.quantize_deg > 0:
+        q = float(cfg.quantize_deg)
+        elevation = (elevation / q).round() * q
+        azimuth = (azimuth / q).round() * q
+    return orbit_cameras(elevation, azimuth, distance, fovy, size, size)
+
+
+def eval_cameras(cfg, n: int, size: int) -> Cameras:
+    """n evaluation views evenly around the object at the configured elevation/distance/fov."""
+    return turntable(n, cfg.eval_elevation, cfg.eval_distance, cfg.eval_fovy, size, size)

@@ -39,6 +39,30 @@ class TrainerConfig:
 
 
 @dataclass
+class CameraConfig:
+    """Random training cameras around the object (3D representations only) and evaluation views.
+
+    Ranges follow threestudio's dreamfusion configs (elevation −10..45°, distance 1.5..2, fovy
+    40..70°). `quantize_deg` > 0 snaps sampled elevation/azimuth to a grid, so a seed sees finitely
+    many view conditions and its ODE trajectories can be cached per view (see dsd.ode).
+    """
+
+    views_per_step: int = 1  # cameras per seed per step (threestudio batch_size)
+    resolution: Optional[int] = None  # render size; None: the prior's image size
+    elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
+    azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
+    distance_range: list[float] = field(default_factory=lambda: [1.5, 2.0])
+    fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
+    quantize_deg: float = 0.0
+    eval_views: int = 4  # evaluation views (turntable azimuths), used for metrics and grid.png
+    eval_elevation: float = 15.0
+    eval_distance: float = 2.0
+    eval_fovy: float = 50.0
+    video_frames: int = 48  # turntable.mp4 frames (0: no video)
+    video_resolution: int = 128
+
+
+@dataclass
 class WandbConfig:
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "dsd"
@@ -65,6 +89,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
 
 
 def register_configs() -> None:
@@ -115,6 +140,18 @@ def validate(cfg: Config) -> list[int]:
     ):
         if value <= 0:
             raise UserError(f"{key}={value} must be a positive integer.")
+    cam = cfg.camera
+    for key in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
+        lo_hi = list(getattr(cam, key))
+        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+            raise UserError(f"camera.{key}={lo_hi} must be [low, high] with low <= high.")
+    if cam.views_per_step <= 0 or cam.eval_views <= 0 or cam.video_frames < 0:
+        raise UserError(
+            f"camera.views_per_step={cam.views_per_step} and camera.eval_views={cam.eval_views} must be "
+            f"positive, camera.video_frames={cam.video_frames} >= 0."
+        )
+    if cam.resolution is not None and cam.resolution < 8:
+        raise UserError(f"camera.resolution={cam.resolution} must be >= 8 (or null for the prior's size).")
     if cfg.trainer.lr <= 0:
         raise UserError(f"trainer.lr={cfg.trainer.lr} must be positive.")
     if cfg.trainer.checkpoint_every < 0:

@@ -68,15 +68,44 @@ def save_png(path: Path, image: np.ndarray, min_size: int = 256) -> None:
 
 
 def make_grid(images: list[np.ndarray], labels: list[str], tile: int = 160) -> Image.Image:
-    """All seeds side by side with a label under each: diversity at a glance."""
+    """All seeds at a glance. Each item is one image (H, W, 3) or a seed's views (V, H, W, 3):
+    single images go side by side in one row; views make one row per seed (same views for all)."""
+    rows = [np.asarray(im)[None] if np.asarray(im).ndim == 3 else np.asarray(im) for im in images]
+    per_tile_labels = all(len(r) == 1 for r in rows)
+    if per_tile_labels:
+        rows = [np.concatenate(rows)]
     pad, text_h = 6, 16
-    grid = Image.new("RGB", (len(images) * (tile + pad) + pad, tile + text_h + 2 * pad), "white")
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (tile + pad) + pad, len(rows) * (tile + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        x = pad + i * (tile + pad)
-        grid.paste(Image.fromarray(to_uint8(image)).resize((tile, tile), Image.NEAREST), (x, pad))
-        draw.text((x + 2, pad + tile + 2), label, fill="black")
+    for r, views in enumerate(rows):
+        y = pad + r * (tile + text_h + pad)
+        for c, image in enumerate(views):
+            x = pad + c * (tile + pad)
+            grid.paste(Image.fromarray(to_uint8(image)).resize((tile, tile), Image.NEAREST), (x, y))
+            if per_tile_labels:
+                draw.text((x + 2, y + tile + 2), labels[c], fill="black")
+        if not per_tile_labels:
+            draw.text((pad + 2, y + tile + 2), labels[r], fill="black")
     return grid
+
+
+def save_video(path: Path, frames: np.ndarray, fps: int = 24) -> None:
+    """frames (N, H, W, 3) in [0, 1] -> H.264 mp4 (imageio-ffmpeg), written atomically."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        # macro_block_size=1: small renders (e.g. 64 px) are not padded up to multiples of 16
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as writer:
+            for frame in frames:
+                writer.append_data(to_uint8(frame))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_grid(path: Path, images: list[np.ndarray], labels: list[str]) -> Image.Image:

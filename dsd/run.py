@@ -11,10 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from dsd import registry
+from dsd.cameras import Cameras, eval_cameras, turntable
 from dsd.config import Config, resolve_device, validate
 from dsd.logging import RunLogger, console, make_progress
 from dsd.metrics.reference import nearest_reference, summarize_references
-from dsd.outputs import load_result, save_grid, save_json, save_png, save_result
+from dsd.outputs import save_grid, save_json, save_png, save_result, save_video
 from dsd.trainer import SeedState, Trainer
 
 
@@ -22,13 +23,45 @@ def build_prior(cfg: Config, device: torch.device):
     return registry.build("prior", cfg.prior, device=device)
 
 
-def reference_metrics(prior, prompt: str, image: torch.Tensor) -> dict:
-    """nearest_reference / psnr_to_reference when the prior knows its data (analytic)."""
-    if not hasattr(prior, "references"):
+def reference_metrics(prior, prompt: str, views: torch.Tensor, cameras: Cameras | None = None) -> dict:
+    """nearest_reference / psnr_to_reference when the prior knows its data (analytic).
+    views: (H, W, 3) for 2D, or (V, H, W, 3) rendered from `cameras` for 3D."""
+    if cameras is not None:
+        if not hasattr(prior, "reference_renders"):
+            return {}
+        refs = prior.reference_renders(prompt, cameras).permute(0, 1, 3, 4, 2)  # (K, V, H, W, 3)
+    elif hasattr(prior, "references"):
+        refs = prior.references(prompt).permute(0, 2, 3, 1)  # (K, H, W, 3)
+    else:
         return {}
-    refs = prior.references(prompt).permute(0, 2, 3, 1)  # (K, H, W, 3)
-    k, db = nearest_reference(image, refs)
+    k, db = nearest_reference(views, refs)
     return {"nearest_reference": k, "psnr_to_reference": db}
+
+
+@torch.no_grad()
+def write_seed_outputs(state: SeedState, prior, cfg: Config, seed_dir: Path) -> tuple[dict, np.ndarray]:
+    """result.npz, final.png, exports (and for 3D the turntable video); returns the summary entry
+    and the seed's row of grid.png (V, H, W, 3): one image in 2D, the evaluation views in 3D."""
+    rep = state.representation
+    cameras = None
+    if rep.is_3d:
+        size = cfg.camera.resolution or prior.image_shape[-1]
+        cameras = eval_cameras(cfg.camera, cfg.camera.eval_views, size)
+        views = rep.render(cameras).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()  # (V, H, W, 3)
+        if cfg.camera.video_frames:
+            video = turntable(cfg.camera.video_frames, cfg.camera.eval_elevation, cfg.camera.eval_distance,
+                              cfg.camera.eval_fovy, cfg.camera.video_resolution, cfg.camera.video_resolution)
+            frames = torch.cat([rep.render(video.rows(range(i, min(i + 8, len(video)))))
+                                for i in range(0, len(video), 8)])
+            save_video(seed_dir / "turntable.mp4", frames.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+    else:
+        views = rep.final_image(prior)[None]  # (1, H, W, 3)
+    image = views[0]  # the contract: the first evaluation view
+    save_result(seed_dir / "result.npz", image.numpy())
+    save_png(seed_dir / "final.png", image.numpy())
+    rep.export(seed_dir, prior)
+    metrics = reference_metrics(prior, cfg.prompt, views if cameras is not None else image, cameras)
+    return seed_entry(state, metrics), views.numpy()
 
 
 def sweep_group(cfg: Config) -> str | None:
@@ -96,7 +129,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 }
             )
 
-    trainer = Trainer(prior, guidance, cfg.prompt, cfg.trainer, run_dir, make_rep, device, on_step)
+    trainer = Trainer(prior, guidance, cfg.prompt, cfg.trainer, run_dir, make_rep, device, on_step, cfg.camera)
     entries, images = [], []
     with progress:
         for first in range(0, len(seeds), cfg.trainer.seed_batch):
@@ -110,17 +143,13 @@ def run(cfg: Config, run_dir: Path) -> dict:
             progress.advance(total, done)
             trainer.optimize(states)
             for state in states:
-                seed_dir = run_dir / f"seed_{state.seed}"
-                image = state.representation.final_image(prior)  # (H, W, 3) in [0, 1]
-                save_result(seed_dir / "result.npz", image.numpy())
-                save_png(seed_dir / "final.png", image.numpy())
-                state.representation.export(seed_dir, prior)
-                entries.append(seed_entry(state, reference_metrics(prior, cfg.prompt, image)))
-                images.append(load_result(seed_dir / "result.npz"))
+                entry, views = write_seed_outputs(state, prior, cfg, run_dir / f"seed_{state.seed}")
+                entries.append(entry)
+                images.append(views)
             progress.remove_task(batch_task)
             logger.log_images(
                 {
-                    f"seed_{e['seed']}/final": im
+                    f"seed_{e['seed']}/final": np.concatenate(list(im), axis=1)
                     for e, im in zip(entries[-len(states) :], images[-len(states) :])
                 }
             )

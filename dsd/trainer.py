@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dsd.config import TrainerConfig
+from dsd.cameras import Cameras, eval_cameras, sample_cameras
+from dsd.config import CameraConfig, TrainerConfig
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.outputs import save_torch
 from dsd.priors.base import Prior
@@ -56,10 +57,12 @@ class Trainer:
         make_representation: Callable[[], Representation],
         device: torch.device,
         on_step: Callable[[list[SeedState], dict], None] | None = None,
+        camera_cfg: CameraConfig | None = None,
     ) -> None:
         self.prior, self.guidance, self.prompt, self.cfg = prior, guidance, prompt, cfg
         self.run_dir, self.make_representation, self.device = Path(run_dir), make_representation, device
         self.on_step = on_step
+        self.camera_cfg = camera_cfg or CameraConfig()
         override = guidance.optimizer_override(cfg.steps)
         self.optimizer_name, self.lr = cfg.optimizer, cfg.lr
         if override is not None:
@@ -113,35 +116,66 @@ class Trainer:
         return state
 
     # ---- the loop ---------------------------------------------------------------------------
-    def context(self, states: list[SeedState], step: int) -> GuidanceContext:
+    def render_size(self, state: SeedState, step: int) -> int:
+        """Render resolution: the representation's coarse-to-fine schedule if it has one, else
+        camera.resolution, else the prior's image size."""
+        schedule = getattr(state.representation, "resolution_at", None)
+        if schedule is not None:
+            return int(schedule(step))
+        return self.camera_cfg.resolution or self.prior.image_shape[-1]
+
+    def training_cameras(self, states: list[SeedState], step: int) -> list[Cameras | None]:
+        """Each seed's cameras for this step, from its own generator (None for 2D)."""
+        if not states[0].representation.is_3d:
+            return [None] * len(states)
+        views = self.camera_cfg.views_per_step
+        return [sample_cameras(s.generator, views, self.camera_cfg, self.render_size(s, step)) for s in states]
+
+    def context(self, states: list[SeedState], step: int, cameras: list[Cameras | None]) -> GuidanceContext:
+        """Rows of the step: every view of every seed, each with its seed's ε* and generator."""
+        views = [1 if c is None else len(c) for c in cameras]
+        rows = [s for s, v in zip(states, views) for _ in range(v)]
+        stacked = None if cameras[0] is None else Cameras.cat(cameras)
         return GuidanceContext(
             prior=self.prior,
-            cond=self.prior.condition(self.prompt, batch=len(states)),
-            seeds=[s.seed for s in states],
-            eps_star=torch.stack([s.eps_star for s in states]),
-            generators=[s.generator for s in states],
+            cond=self.prior.condition(self.prompt, batch=len(rows), cameras=stacked),
+            seeds=[s.seed for s in rows],
+            eps_star=torch.stack([s.eps_star for s in rows]),
+            generators=[s.generator for s in rows],
             step=step,
             steps=self.cfg.steps,
         )
 
     def initialize(self, states: list[SeedState]) -> None:
+        """Apply the guidance's initial target (e.g. DSD's x0(g_0)); 3D representations fit their
+        renders from the evaluation views to it."""
         fresh = [s for s in states if not s.initialized]
-        if fresh:
-            target = self.guidance.initial_target(self.context(fresh, 0))
-            for i, state in enumerate(fresh):
-                if target is not None:
-                    state.representation.initialize_to(target[i : i + 1], self.prior)
-                state.initialized = True
+        if not fresh:
+            return
+        if fresh[0].representation.is_3d:
+            size = self.render_size(fresh[0], 0)
+            cameras = [eval_cameras(self.camera_cfg, self.camera_cfg.eval_views, size) for _ in fresh]
+        else:
+            cameras = [None] * len(fresh)
+        target = self.guidance.initial_target(self.context(fresh, 0, cameras))
+        first = 0
+        for state, cams in zip(fresh, cameras):
+            views = 1 if cams is None else len(cams)
+            if target is not None:
+                state.representation.initialize_to(target[first : first + views], self.prior, cams)
+            first += views
+            state.initialized = True
 
     def step(self, states: list[SeedState], step: int) -> dict:
         """One optimization step for seeds that are all at `step`."""
         start, rows_before = time.perf_counter(), self.prior.rows_evaluated
-        renders = torch.cat([s.representation.render(None) for s in states])  # (B, C, H, W)
+        cameras = self.training_cameras(states, step)
+        renders = torch.cat([s.representation.render(c) for s, c in zip(states, cameras)])  # (B, C, H, W)
         x = renders if states[0].representation.outputs_prior_space else self.prior.encode(renders)
-        grad, info = self.guidance.grad(x.detach(), self.context(states, step))
-        finite = torch.isfinite(grad).flatten(1).all(1)  # NaN guard: such a seed skips this step
+        grad, info = self.guidance.grad(x.detach(), self.context(states, step, cameras))
+        finite = torch.isfinite(grad).flatten(1).all(1)  # NaN guard: such a row adds nothing
         grad = torch.where(finite.reshape(-1, 1, 1, 1), grad, torch.zeros_like(grad))
-        # d/dx of Σ x·grad is grad: each seed's parameters get exactly its own row's gradient.
+        # d/dx of Σ x·grad is grad: each seed's parameters get exactly its own rows' gradient.
         loss = (x * grad.detach()).sum()
         for state in states:
             loss = loss + sum(state.representation.regularizers().values(), torch.zeros(()))
@@ -149,13 +183,17 @@ class Trainer:
         loss.backward()
         elapsed = time.perf_counter() - start
         rows = (self.prior.rows_evaluated - rows_before) / len(states)
-        for row, state in enumerate(states):
-            if finite[row]:
+        first = 0
+        for state, cams in zip(states, cameras):
+            views = 1 if cams is None else len(cams)
+            own = slice(first, first + views)
+            first += views
+            if bool(finite[own].all()):
                 state.optimizer.step()
                 state.representation.after_step(step, state.optimizer)
             else:
                 state.skipped_steps += 1
-            state.losses.append(0.5 * float((grad[row] ** 2).sum()))  # official loss_dsd value
+            state.losses.append(0.5 * float((grad[own] ** 2).sum()) / views)  # official loss_dsd value
             state.step += 1
             state.prior_rows += rows
             state.wall_s += elapsed / len(states)

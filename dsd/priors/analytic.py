@@ -5,11 +5,16 @@ For a mixture of points the posterior mean is exact (Tweedie):
     E[x0 | x_t] = Σ_k softmax_k(−‖x_t − √ᾱ x_k‖² / 2(1−ᾱ)) x_k,   ε̂ = (x_t − √ᾱ E[x0|x_t]) / √(1−ᾱ).
 Conditional = the prompt's K references; unconditional = the references of every prompt in the
 pool plus the prompts conditioned on in this process, so classifier-free guidance is real.
+
+In 3D (conditions built with cameras) the K references of a prompt are procedural 3D shapes
+(dsd.priors.shapes) and the mixture is over their renders from each row's camera: the exact
+denoiser of "a render of one of the K shapes from this view".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,6 +23,7 @@ from dsd.config import PriorConfig
 from dsd.errors import UserError
 from dsd.priors.base import Condition, Prior, eps_from_x0, scaled_linear_alphas_cumprod
 from dsd.priors.procedural import reference_images
+from dsd.priors.shapes import reference_shapes, render_shapes, view_params
 from dsd.registry import register
 
 DEFAULT_POOL = [
@@ -42,11 +48,13 @@ class AnalyticPriorConfig(PriorConfig):
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085  # Stable Diffusion's scaled_linear schedule
     beta_end: float = 0.012
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # of 3D reference renders
 
 
 @dataclass
 class AnalyticCondition(Condition):
     prompt_index: Tensor  # (B,) index into AnalyticPrior.prompts
+    view: Optional[Tensor] = None  # (B, 4) orbit view (elevation, azimuth, distance, fovy); None: 2D
 
 
 @register("prior", "analytic", AnalyticPriorConfig)
@@ -70,6 +78,8 @@ class AnalyticPrior(Prior):
             cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end
         )
         self.prompts: list[str] = []
+        self._shapes: list = []  # per prompt: K GaussianShape (3D references)
+        self._render_cache: dict[tuple, Tensor] = {}  # (view, #prompts) -> (P·K, D) prior space
         self._refs = torch.zeros(0, cfg.num_references, 3 * cfg.image_size**2, dtype=torch.float64)
         for prompt in cfg.pool:
             self._index_of(prompt)
@@ -85,7 +95,32 @@ class AnalyticPrior(Prior):
             flat = self.encode(images.double()).reshape(1, self.cfg.num_references, -1)
             self._refs = torch.cat([self._refs, flat.to(self._refs)])
             self.prompts.append(key)
+            self._shapes.append(reference_shapes(key, self.cfg.num_references))
         return self.prompts.index(key)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Pixels -> [−1, 1] at the prior's size (renders at another resolution are resized)."""
+        if images.shape[-1] != self.cfg.image_size or images.shape[-2] != self.cfg.image_size:
+            images = torch.nn.functional.interpolate(
+                images, size=(self.cfg.image_size, self.cfg.image_size), mode="bilinear", align_corners=False
+            )
+        return super().encode(images)
+
+    def _view_references(self, view: Tensor) -> Tensor:
+        """Prior-space renders (P·K, D) of every prompt's shapes from one view (4,), cached."""
+        key = (tuple(view.tolist()), len(self.prompts))
+        if key not in self._render_cache:
+            background = torch.tensor(self.cfg.background, dtype=torch.float32)
+            renders = [render_shapes(shapes, view, self.cfg.image_size, background) for shapes in self._shapes]
+            self._render_cache[key] = self.encode(torch.cat(renders)).double().reshape(len(self.prompts) * self.cfg.num_references, -1)
+        return self._render_cache[key]
+
+    def reference_renders(self, prompt: str, cameras) -> Tensor:
+        """Renders of the prompt's K shapes from `cameras` in [0, 1], (K, V, 3, S, S)."""
+        index, k = self._index_of(prompt), self.cfg.num_references
+        views = view_params(cameras)
+        refs = torch.stack([self._view_references(v)[index * k : (index + 1) * k] for v in views], dim=1)
+        return self.decode(refs.reshape(k, len(views), *self.sample_shape)).float()
 
     def references(self, prompt: str) -> Tensor:
         """The prompt's K reference images in [0, 1], (K, 3, S, S)."""
@@ -94,23 +129,36 @@ class AnalyticPrior(Prior):
 
     def condition(self, prompt: str, batch: int, cameras=None) -> AnalyticCondition:
         index = self._index_of(prompt)
-        return AnalyticCondition(prompt_index=torch.full((batch,), index, dtype=torch.long))
+        view = None if cameras is None else view_params(cameras)
+        return AnalyticCondition(prompt_index=torch.full((batch,), index, dtype=torch.long), view=view)
+
+    def _references_of_rows(self, cond: AnalyticCondition, device) -> Tensor:
+        """(1, P·K, D) shared references in 2D, or (B, P·K, D) renders from each row's view in 3D."""
+        if cond.view is None:
+            return self._refs.reshape(1, -1, self._refs.shape[-1]).to(device)
+        return torch.stack([self._view_references(v) for v in cond.view.cpu()]).to(device)
 
     def posterior(self, x_t: Tensor, t: Tensor, cond: AnalyticCondition, unconditional: Tensor) -> Tensor:
         """p(k | x_t) over all references of all prompts (B, P·K), zero outside each row's set."""
-        refs = self._refs.reshape(-1, self._refs.shape[-1]).to(x_t.device)  # (P·K, D)
+        refs = self._references_of_rows(cond, x_t.device)  # (1 or B, P·K, D)
+        return self._posterior(x_t, t, cond, unconditional, refs)
+
+    def _posterior(self, x_t, t, cond, unconditional, refs) -> Tensor:
         x = x_t.reshape(len(x_t), -1).double()
         a = self.alpha(t.cpu()).to(x.device)[:, None]  # (B, 1)
-        # ‖x − √a·x_k‖², expanded so it is one matmul; float64 keeps the cancellation harmless.
-        d2 = (x**2).sum(1, keepdim=True) - 2 * a.sqrt() * (x @ refs.T) + a * (refs**2).sum(1)[None]
+        # ‖x − √a·x_k‖², expanded so it is one (batched) matmul; float64 keeps the cancellation harmless.
+        cross = torch.einsum("bd,rnd->bn", x, refs) if len(refs) == 1 else torch.einsum("bd,bnd->bn", x, refs)
+        d2 = (x**2).sum(1, keepdim=True) - 2 * a.sqrt() * cross + a * (refs**2).sum(-1)
         logits = -d2 / (2 * (1 - a))
-        owner = torch.arange(len(self._refs), device=x.device).repeat_interleave(self._refs.shape[1])
+        owner = torch.arange(len(self.prompts), device=x.device).repeat_interleave(self.cfg.num_references)
         allowed = unconditional[:, None].to(x.device) | (
             owner[None] == cond.prompt_index.to(x.device)[:, None]
         )
         return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, cond: AnalyticCondition, unconditional: Tensor) -> Tensor:
-        refs = self._refs.reshape(-1, self._refs.shape[-1]).to(x_t.device)
-        x0 = (self.posterior(x_t, t, cond, unconditional) @ refs).reshape(x_t.shape)  # E[x0 | x_t]
+        refs = self._references_of_rows(cond, x_t.device)
+        weights = self._posterior(x_t, t, cond, unconditional, refs)  # (B, P·K)
+        mean = torch.einsum("bn,rnd->bd", weights, refs) if len(refs) == 1 else torch.einsum("bn,bnd->bd", weights, refs)
+        x0 = mean.reshape(x_t.shape)  # E[x0 | x_t]
         return eps_from_x0(x_t.double(), x0, self.alpha(t.cpu()).to(x_t.device)).to(x_t.dtype)

@@ -1,0 +1,102 @@
+"""Procedural reference 3D shapes for the analytic prior in 3D: deterministic from the prompt text.
+
+Each prompt gets K small objects built from coloured 3D Gaussian blobs (a body blob at the centre
+plus a few attached parts). Hues are spread over the K shapes, as for the 2D references, so the
+renders of different shapes are far apart and "which shape did a seed reach" is unambiguous from
+any view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dsd.priors.procedural import hsv_to_rgb, text_seed
+
+
+@dataclass
+class GaussianShape:
+    means: Tensor  # (M, 3)
+    quats: Tensor  # (M, 4) wxyz
+    scales: Tensor  # (M, 3)
+    opacities: Tensor  # (M,)
+    colors: Tensor  # (M, 3) in [0, 1]
+
+
+def _ellipsoid_fill(center: Tensor, radii: Tensor, rotation: Tensor, count: int, gen) -> tuple[Tensor, Tensor]:
+    """`count` small gaussians filling an ellipsoid, so a part renders with a crisp silhouette (a
+    single gaussian would fade out softly). Returns means (count, 3) and scales (count, 3)."""
+    direction = torch.nn.functional.normalize(torch.randn(count, 3, generator=gen, dtype=torch.float64), dim=-1)
+    radius = torch.rand(count, 1, generator=gen, dtype=torch.float64) ** (1 / 3)  # uniform in the ball
+    points = (direction * radius * 0.8 * radii) @ rotation.T + center
+    scale = (0.35 * radii.min() * torch.ones(count, 3, dtype=torch.float64))
+    return points, scale
+
+
+def reference_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> list[GaussianShape]:
+    """K shapes, a deterministic function of (prompt, num); every shape fits in a ball of ~0.8."""
+    gen = torch.Generator().manual_seed(text_seed(f"shape3d:{prompt}"))
+    u = lambda lo=0.0, hi=1.0, n=(): lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    base_hue = float(u())
+    shapes = []
+    for k in range(num):
+        hue = (base_hue + k / num + float(u(-0.05, 0.05))) % 1.0
+        parts = 2 + int(u(0, 3))  # a body and 1..3 attached parts
+        means, scales, colors = [], [], []
+        for part in range(parts):
+            if part == 0:
+                center, radii = torch.zeros(3, dtype=torch.float64), u(0.25, 0.4, (3,))
+            else:
+                direction = torch.nn.functional.normalize(torch.randn(3, generator=gen, dtype=torch.float64), dim=0)
+                center, radii = direction * u(0.3, 0.45), u(0.1, 0.2, (3,))
+            q = torch.nn.functional.normalize(torch.randn(4, generator=gen, dtype=torch.float64), dim=0)
+            w, x, y, z = q.tolist()  # rotation matrix of the unit quaternion (w, x, y, z)
+            rotation = torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]],
+                                    dtype=torch.float64)
+            points, scale = _ellipsoid_fill(center, radii, rotation, gaussians_per_part, gen)
+            color = hsv_to_rgb(torch.tensor((hue + float(u(-0.12, 0.12))) % 1.0), u(0.6, 1.0), u(0.35, 0.95))
+            means.append(points)
+            scales.append(scale)
+            colors.append(color.expand(gaussians_per_part, 3))
+        n = parts * gaussians_per_part
+        identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).clone()
+        shapes.append(GaussianShape(torch.cat(means).float(), identity, torch.cat(scales).float(),
+                                    torch.full((n,), 0.9), torch.cat(colors).float()))
+    return shapes
+
+
+def view_params(cameras) -> Tensor:
+    """(B, 4) float64 (elevation, azimuth, distance, fovy): what an orbit camera's render depends on
+    (with the image size), used as the analytic condition and as render-cache key."""
+    return torch.stack([cameras.elevation_deg, cameras.azimuth_deg, cameras.distance, cameras.fovy_deg],
+                       dim=-1).double()
+
+
+def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, background: Tensor) -> Tensor:
+    """Renders (S, 3, size, size) in [0, 1] of every shape from one orbit view (4,): one projection
+    of all shapes' gaussians, then each shape composited over the whole image."""
+    from dsd.cameras import orbit_cameras
+    from dsd.render.gaussians import _composite_tile, project_gaussians, viewmats_opencv
+
+    camera = orbit_cameras(*(view[i : i + 1] for i in range(4)), size, size)
+    cat = lambda name: torch.cat([getattr(s, name) for s in shapes])  # noqa: E731
+    means2d, conics, depths, visible, _ = project_gaussians(
+        cat("means"), cat("quats"), cat("scales"), viewmats_opencv(camera), camera.intrinsics().float(), size, size
+    )
+    out, start = [], 0
+    for shape in shapes:
+        local = torch.arange(len(shape.means))
+        ids = local + start
+        start += len(shape.means)
+        keep = visible[0, ids]
+        local, ids = local[keep], ids[keep]
+        order = depths[0, ids].argsort()  # near to far
+        local, ids = local[order], ids[order]
+        image = _composite_tile(means2d[0, ids], conics[0, ids], shape.opacities[local], shape.colors[local],
+                                background, 0, 0, size, size)  # (H, W, 4): the whole image as one tile
+        out.append(image[..., :3].permute(2, 0, 1))
+    return torch.stack(out).clamp(0, 1)
