@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsd.priors.perp_neg import perp_neg_guidance
+
 
 def scaled_linear_alphas_cumprod(
     num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
@@ -43,6 +45,13 @@ def eps_from_x0(x_t: Tensor, x0: Tensor, a: Tensor) -> Tensor:
     """ε = (x_t − √a·x0) / √(1−a): the noise that explains x_t given x0."""
     a = per_row(a, x_t)
     return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def eps_from_v(x_t: Tensor, v: Tensor, a: Tensor) -> Tensor:
+    """ε from a v-prediction v = √a·ε − √(1−a)·x0 (Salimans & Ho 2022, Sec. 4):
+    ε = √a·v + √(1−a)·x_t."""
+    a = per_row(a, x_t)
+    return a.sqrt() * v + (1 - a).sqrt() * x_t
 
 
 def sigma(a: Tensor) -> Tensor:
@@ -83,6 +92,11 @@ class Condition:
             first,
             **{name: torch.cat([getattr(c, name) for c in conditions]) for name in first._tensor_fields()},
         )
+
+    def negative_prompts(self) -> tuple[Condition, Tensor, Tensor] | None:
+        """Perp-Neg negatives of these rows: (their conditions, N rows; owner (N,), the row each
+        belongs to; weight (N,)), or None when the prior has none (then guidance is plain CFG)."""
+        return None
 
     def cache_key(self, row: int) -> Hashable:
         """What makes two rows follow the same ODE (with the same seed): their conditioning."""
@@ -143,18 +157,33 @@ class Prior(torch.nn.Module, abc.ABC):
 
         Unconditional rows are added only for rows whose scale is not 1 (at g = 1, CFG is the
         conditional prediction), so mixed-scale batches such as DSD's two points cost no waste.
+        When the condition carries Perp-Neg negatives (`Condition.negative_prompts`), the guided
+        rows' negative prompts join the same call and are mixed by `perp_neg_guidance`.
         """
         batch = x_t.shape[0]
         scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=x_t.device).expand(batch)
         guided = (scale != 1).nonzero().flatten()
-        x_all = torch.cat([x_t, x_t[guided]])
-        t_all = torch.cat([t, t[guided]])
-        cond_all = Condition.cat([cond, cond.rows(guided.cpu())]) if len(guided) else cond
+        xs, ts, conds = [x_t, x_t[guided]], [t, t[guided]], [cond]
+        negatives = None
+        if len(guided):
+            conds.append(cond.rows(guided.cpu()))
+            negatives = conds[-1].negative_prompts()
+        if negatives is not None:  # Perp-Neg: each guided row's negative prompts, same batch
+            neg_cond, owner, weight = negatives
+            rows = guided[owner.to(guided.device)]
+            xs, ts, conds = [*xs, x_t[rows]], [*ts, t[rows]], [*conds, neg_cond]
+        x_all, t_all = torch.cat(xs), torch.cat(ts)
+        cond_all = Condition.cat(conds) if len(conds) > 1 else cond
         unconditional = torch.zeros(len(x_all), dtype=torch.bool, device=x_t.device)
-        unconditional[batch:] = True
+        unconditional[batch : batch + len(guided)] = True
         raw = self.predict_eps(x_all, t_all, cond_all, unconditional)
         self.rows_evaluated += len(x_all)
         out = raw[:batch].clone()
-        if len(guided):
+        if negatives is not None:
+            out[guided] = perp_neg_guidance(
+                raw[batch : batch + len(guided)], raw[guided], raw[batch + len(guided) :],
+                owner.to(raw.device), weight.to(raw.device), scale[guided],
+            )  # fmt: skip
+        elif len(guided):
             out[guided] = classifier_free_guidance(raw[batch:], raw[guided], scale[guided])
         return out

@@ -1,0 +1,137 @@
+"""Throughput of the Stable Diffusion prior: UNet rows/s, and ms per guidance step for SDS vs DSD.
+
+CPU (default): the tiny random SD of the tests (8×8×4 latents), loaded by the real prior code,
+`prior.eps` with CFG at several batch sizes and one SDS / DSD guidance step per seed batch.
+`--full` (CUDA): the full-size SD 2.1 base UNet architecture from its config with random fp16
+weights at 64×64 latents, batch 1/4/8 rows, with peak memory. Prints markdown tables.
+
+    .venv/bin/python benchmarks/prior_throughput.py               # tiny model, CPU
+    .venv/bin/python benchmarks/prior_throughput.py --full        # full-size UNet, CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# stabilityai/stable-diffusion-2-1-base unet/config.json (architecture only; weights random)
+SD21_BASE_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+
+
+def timed(fn, repeats: int, sync=lambda: None) -> float:
+    """Best (minimum) seconds of fn() over `repeats` calls, after one warm-up call: on a shared
+    machine other load only adds time, so the minimum is the least noisy estimate (as timeit)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def tiny_tables(batches: list[int], repeats: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_sd import build_tiny_sd
+
+    from dsd.guidance.base import GuidanceContext
+    from dsd.guidance.dsd import DSD, DSDConfig
+    from dsd.guidance.sds import SDS, SDSConfig
+    from dsd.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPrior
+    from dsd.seeding import seed_noise, step_generator
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        prior = StableDiffusionPrior(StableDiffusionConfig(pretrained=str(build_tiny_sd(Path(tmp)))))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\ntiny SD on {torch.get_num_threads()} CPU threads (load average {load:.1f} at start), "
+          f"latents {prior.sample_shape}, best of {repeats} calls\n")
+    print("| batch (seeds) | UNet rows / call | UNet rows/s | sds ms/step | sds rows/step | dsd ms/step | dsd rows/step |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in batches:
+        cond = prior.condition("a photo of a corgi", batch=batch)
+        x = torch.randn(batch, *prior.sample_shape)
+        t = torch.full((batch,), 500)
+        seconds = timed(lambda: prior.eps(x, t, cond, 7.5), repeats)  # noqa: B023
+        rows = 2 * batch  # conditional + unconditional
+        cells = [str(batch), str(rows), f"{rows / seconds:.0f}"]
+        for make in (lambda: SDS(SDSConfig(), prior), lambda: DSD(DSDConfig(), prior)):
+            guidance = make()
+            seeds = list(range(batch))
+            step = {"i": 0}
+
+            def one_step(guidance=guidance, seeds=seeds, step=step, cond=cond, x=x) -> None:
+                ctx = GuidanceContext(
+                    prior=prior, cond=cond, seeds=seeds,
+                    eps_star=torch.stack([seed_noise(s, prior.sample_shape) for s in seeds]),
+                    generators=[step_generator(s) for s in seeds], step=step["i"], steps=100,
+                )  # fmt: skip
+                guidance.grad(x, ctx)
+                step["i"] += 1
+
+            before = prior.rows_evaluated
+            seconds = timed(one_step, repeats)
+            per_step = (prior.rows_evaluated - before) / (repeats + 1) / batch
+            cells += [f"{seconds * 1e3:.1f}", f"{per_step:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\nrows/step are prior rows per seed per step (DSD includes its cached ODE work).")
+
+
+def full_table(batches: list[int], repeats: int) -> None:
+    from diffusers import UNet2DConditionModel
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--full needs a CUDA device")
+    device = torch.device("cuda")
+    unet = UNet2DConditionModel(**SD21_BASE_UNET).to(device, torch.float16).eval()
+    unet.to(memory_format=torch.channels_last)
+    unet.requires_grad_(False)
+    print(f"\nSD 2.1 base UNet (random weights, fp16, SDPA) on {torch.cuda.get_device_name()}\n")
+    print("| rows | ms / call | rows/s | peak memory GiB |")
+    print("|---|---|---|---|")
+    for batch in batches:
+        x = torch.randn(batch, 4, 64, 64, device=device, dtype=torch.float16)
+        t = torch.full((batch,), 500, device=device)
+        hidden = torch.randn(batch, 77, 1024, device=device, dtype=torch.float16)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            seconds = timed(lambda: unet(x, t, encoder_hidden_states=hidden), repeats, torch.cuda.synchronize)  # noqa: B023
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"| {batch} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | {peak:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="full-size SD 2.1 UNet on CUDA")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if args.full:
+        full_table(args.batches, args.repeats)
+    else:
+        tiny_tables(args.batches, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
