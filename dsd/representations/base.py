@@ -67,4 +67,4 @@ def fit_renders(representation: Representation, pixels: Tensor, cameras: Cameras
         loss.backward()
         optimizer.step()
         representation.after_step(step, optimizer)
-    return float(loss)
+    return float(loss.detach())
