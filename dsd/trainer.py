@@ -108,6 +108,8 @@ class Trainer:
             return state
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
         state.representation.load_state_dict(ckpt["representation"])
+        # rebuilt: loading may replace parameters (a densified representation changes size)
+        state.optimizer = state.representation.make_optimizer(self.optimizer_name, self.lr)
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.generator.set_state(ckpt["generator"])
         for key in ("step", "initialized", "prior_rows", "wall_s", "skipped_steps", "losses"):
@@ -120,9 +122,8 @@ class Trainer:
         """Render resolution: the representation's coarse-to-fine schedule if it has one, else
         camera.resolution, else the prior's image size."""
         schedule = getattr(state.representation, "resolution_at", None)
-        if schedule is not None:
-            return int(schedule(step))
-        return self.camera_cfg.resolution or self.prior.image_shape[-1]
+        scheduled = schedule(step) if schedule is not None else None
+        return int(scheduled or self.camera_cfg.resolution or self.prior.image_shape[-1])
 
     def training_cameras(self, states: list[SeedState], step: int) -> list[Cameras | None]:
         """Each seed's cameras for this step, from its own generator (None for 2D)."""

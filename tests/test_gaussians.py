@@ -218,8 +218,8 @@ def test_checkpoint_round_trip_after_densification():
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=False)
     fresh = GaussiansRepresentation(rep.cfg, PixelPrior())
-    fresh_opt = fresh.make_optimizer("adam", 0.03)  # built before loading, as the trainer does
     fresh.load_state_dict(ckpt["rep"])
+    fresh_opt = fresh.make_optimizer("adam", 0.03)  # built after loading, as the trainer does
     fresh_opt.load_state_dict(ckpt["opt"])
     assert fresh.num_points == rep.num_points
     for r, o in ((rep, optimizer), (fresh, fresh_opt)):  # one more identical step on both

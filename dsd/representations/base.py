@@ -55,16 +55,15 @@ class Representation(torch.nn.Module, abc.ABC):
         return []
 
 
-def fit_renders(representation: Representation, pixels: Tensor, cameras: Cameras, steps: int = 200,
+def fit_renders(representation: Representation, pixels: Tensor, cameras: Cameras, steps: int = 100,
                 lr: float = 0.01) -> float:
     """Fit `representation`'s renders from `cameras` to `pixels` (V, 3, H, W) in [0, 1] by Adam on
     the MSE (the 3D analogue of starting a 2D image at a target). Returns the final MSE."""
     optimizer = representation.make_optimizer("adam", lr)
     loss = torch.zeros(())
-    for step in range(steps):
+    for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(representation.render(cameras), pixels)
         loss.backward()
-        optimizer.step()
-        representation.after_step(step, optimizer)
+        optimizer.step()  # no after_step: densification thresholds are tuned for the guidance loss
     return float(loss.detach())

@@ -169,12 +169,14 @@ class GaussiansRepresentation(Representation):
 
     # ---- checkpoints: the number of gaussians changes during a run ---------------------------------
     def _resize(self, n: int) -> None:
-        # .data keeps the Parameter objects, so an optimizer built before loading still owns them
+        # New Parameter objects: resizing .data in place leaves autograd's cached gradient
+        # accumulator with the old shape. Build the optimizer after this (the trainer does).
         self._info = None
-        for name in (*PARAMS, "grad_sum", "grad_count"):
-            tensor = getattr(self, name)
-            tensor.data = tensor.new_zeros((n, *tensor.shape[1:]))
-            tensor.grad = None
+        for name in PARAMS:
+            old = getattr(self, name)
+            setattr(self, name, torch.nn.Parameter(old.new_zeros((n, *old.shape[1:]))))
+        for name in ("grad_sum", "grad_count"):
+            setattr(self, name, getattr(self, name).new_zeros(n))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._resize(len(state_dict["means"]))
@@ -227,15 +229,18 @@ class GaussiansRepresentation(Representation):
     def _reindex(self, optimizer: torch.optim.Optimizer, index: Tensor, new: dict[str, Tensor]) -> None:
         """Keep rows `index` (in that order; repeats are clones) and append `new`. Adam's moments
         follow their rows (clones copy them, as gsplat) and start at zero for split children; the
-        Parameter objects stay the same, so the optimizer keeps owning them."""
+        Parameters are replaced by new ones and the optimizer's groups and state follow them."""
         for name in PARAMS:
-            param = getattr(self, name)
-            param.data = torch.cat([param.data[index], new[name]])
-            param.grad = None
-            state = optimizer.state.get(param, {})
+            old = getattr(self, name)
+            param = torch.nn.Parameter(torch.cat([old.data[index], new[name]]))
+            setattr(self, name, param)  # a new Parameter: see _resize
+            state = optimizer.state.pop(old, {})
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() > 0:  # moments (N, ...); Adam's step is a scalar
                     state[key] = torch.cat([value[index], value.new_zeros((len(new[name]), *value.shape[1:]))])
+            optimizer.state[param] = state
+            for group in optimizer.param_groups:
+                group["params"] = [param if p is old else p for p in group["params"]]
         n = len(self.means)
-        self.grad_sum.data = self.grad_sum.new_zeros(n)
-        self.grad_count.data = self.grad_count.new_zeros(n)
+        self.grad_sum = self.grad_sum.new_zeros(n)
+        self.grad_count = self.grad_count.new_zeros(n)
