@@ -91,6 +91,14 @@ class RunLogger:
 
         self.run.log({key: wandb.Image(np.clip(image, 0, 1)) for key, image in images.items()})
 
+    def log_videos(self, videos: dict[str, Path]) -> None:
+        """mp4 files (e.g. turntables) as W&B videos."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Video(str(path), format="mp4") for key, path in videos.items() if Path(path).exists()})
+
     def log_summary(self, summary: dict[str, Any]) -> None:
         if self.run is not None:
             for key, value in summary.items():

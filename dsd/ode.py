@@ -38,15 +38,20 @@ class OdeTrajectories:
     """DDIM trajectories from fixed noises, keyed by (seed, condition key), advanced lazily.
 
     With `enabled=False` nothing is kept: each query re-simulates from ε* (the official code's
-    per-step behaviour, kept as the side-by-side baseline).
+    per-step behaviour, kept as the side-by-side baseline). At most `max_trajectories` are kept,
+    least recently used dropped first: with continuous cameras every view is a new condition, so
+    an unbounded cache would grow every step (quantized cameras make keys repeat).
     """
 
-    def __init__(self, prior: Prior, steps: int, cfg_scale: float, enabled: bool = True) -> None:
+    def __init__(
+        self, prior: Prior, steps: int, cfg_scale: float, enabled: bool = True, max_trajectories: int = 1024
+    ) -> None:
         self.prior = prior
         self.grid = ddim_timesteps(prior.num_train_timesteps, steps)
         self.cfg_scale = cfg_scale
         self.enabled = enabled
-        self.trajectories: dict[Hashable, Trajectory] = {}
+        self.max_trajectories = max_trajectories
+        self.trajectories: dict[Hashable, Trajectory] = {}  # in order of last use
 
     @property
     def steps(self) -> int:
@@ -63,9 +68,10 @@ class OdeTrajectories:
         store = self.trajectories if self.enabled else {}
         rows_of: dict[Hashable, int] = {}
         for row, key in enumerate(keys):
-            if key not in store:
-                store[key] = Trajectory(xs=[eps_star[row]])
+            store[key] = store.pop(key) if key in store else Trajectory(xs=[eps_star[row]])  # most recent last
             rows_of.setdefault(key, row)
+        while len(store) > max(self.max_trajectories, len(rows_of)):
+            del store[next(iter(store))]
         need: dict[Hashable, int] = {}
         for row, key in enumerate(keys):
             need[key] = max(need.get(key, -1), int(index[row]))

@@ -153,6 +153,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                     for e, im in zip(entries[-len(states) :], images[-len(states) :])
                 }
             )
+            logger.log_videos({f"seed_{s.seed}/turntable": run_dir / f"seed_{s.seed}" / "turntable.mp4" for s in states})
 
     labels = [
         f"seed {e['seed']}" + (f"  ref {e['nearest_reference']}" if "nearest_reference" in e else "")

@@ -5,7 +5,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_sd.py
+
+import torch  # noqa: E402
+
+# The tests' tensors are tiny: one intra-op thread avoids OpenMP oversubscription stalls when the
+# 2 CI cores are shared (measured: up to 10x slower renders with 2 threads under load).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion in diffusers layout, built once per session."""
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), "epsilon")
 
 
 @pytest.fixture

@@ -86,3 +86,17 @@ def test_eps_exactly_at_steps_from_the_grid_point_and_matches_it_on_the_grid():
         expected = prior.eps(x_t, torch.tensor([tt]), cond.rows([row]), 7.5)
         torch.testing.assert_close(off_grid[row : row + 1], expected)
     assert not torch.allclose(off_grid, ode.eps_at(keys, eps_star, cond, torch.tensor([2, 6])), atol=1e-3)
+
+
+def test_cache_keeps_at_most_max_trajectories_least_recently_used_first():
+    prior = make_prior()
+    cond = prior.condition("a cat", batch=1)
+    eps_star = torch.randn(1, *prior.sample_shape, generator=torch.Generator().manual_seed(6))
+    ode = OdeTrajectories(prior, 4, 7.5, max_trajectories=2)
+    j = torch.tensor([1])
+    for key in ("a", "b", "a", "c"):  # "b" is the least recently used when "c" arrives
+        ode.eps_at([key], eps_star, cond, j)
+    assert list(ode.trajectories) == ["a", "c"]
+    before = prior.rows_evaluated
+    ode.eps_at(["a"], eps_star, cond, j)
+    assert prior.rows_evaluated == before  # still cached

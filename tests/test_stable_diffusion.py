@@ -17,13 +17,7 @@ from dsd.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPr
 from dsd.run import run
 from dsd.sample import sample
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_sd import build_tiny_sd  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), "epsilon")
+from tiny_sd import build_tiny_sd  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ class GaussiansConfig(RepresentationConfig):
     scale_reg: float = 0.0
     # the view of render(None) / final_image(None): front, slightly above
     view_elevation: float = 15.0
+    init_fit_steps: int = 100  # Adam steps fitting the renders to a guidance's initial target
     view_distance: float = 2.5
     view_fovy: float = 40.0
 
@@ -131,7 +132,7 @@ class GaussiansRepresentation(Representation):
     def initialize_to(self, target: Tensor, prior, cameras: Cameras | None = None) -> None:
         cameras = self.default_cameras() if cameras is None else cameras
         pixels = prior.decode(target).to(self.means.device).float().clamp(0, 1)
-        fit_renders(self, pixels, cameras)
+        fit_renders(self, pixels, cameras, steps=self.cfg.init_fit_steps)
 
     def make_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
         """Adam (or SGD) with one group per tensor and the config's learning rates; `lr` is ignored
