@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_sd import build_tiny_sd  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 from dsd.cameras import orbit_cameras
 from dsd.outputs import load_result
@@ -16,8 +17,6 @@ from dsd.priors.base import eps_from_x0
 from dsd.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPrior
 from dsd.run import run
 from dsd.sample import sample
-
-from tiny_sd import build_tiny_sd  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 
 
 @pytest.fixture(scope="session")
