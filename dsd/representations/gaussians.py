@@ -55,9 +55,9 @@ class GaussiansConfig(RepresentationConfig):
     # regularizer weights (0: off): mean opacity (sparsity) and mean of the largest scale
     opacity_reg: float = 0.0
     scale_reg: float = 0.0
+    init_fit_steps: int = 100  # Adam steps fitting the renders to a guidance's initial target
     # the view of render(None) / final_image(None): front, slightly above
     view_elevation: float = 15.0
-    init_fit_steps: int = 100  # Adam steps fitting the renders to a guidance's initial target
     view_distance: float = 2.5
     view_fovy: float = 40.0
 
