@@ -157,6 +157,13 @@ class NerfRepresentation(Representation):
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         self.step.fill_(step + 1)
 
+    def get_extra_state(self) -> dict:
+        """The jitter stream goes into checkpoints, so a resumed run samples as an unbroken one."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     # ---- rendering ------------------------------------------------------------------------
     def render(self, cameras: Cameras | None = None) -> Tensor:
         """Volume-render `cameras` (V views): (V, 3, H, W) in [0, 1]. Keeps what regularizers() needs."""
