@@ -21,7 +21,7 @@ from torch import Tensor
 
 from dsd.config import PriorConfig
 from dsd.errors import UserError
-from dsd.priors.base import Condition, Prior, eps_from_x0, scaled_linear_alphas_cumprod
+from dsd.priors.base import Condition, Prior, eps_from_x0, resize_pixels, scaled_linear_alphas_cumprod
 from dsd.priors.procedural import reference_images
 from dsd.priors.shapes import reference_shapes, render_shapes, view_params
 from dsd.registry import register
@@ -100,11 +100,7 @@ class AnalyticPrior(Prior):
 
     def encode(self, images: Tensor) -> Tensor:
         """Pixels -> [−1, 1] at the prior's size (renders at another resolution are resized)."""
-        if images.shape[-1] != self.cfg.image_size or images.shape[-2] != self.cfg.image_size:
-            images = torch.nn.functional.interpolate(
-                images, size=(self.cfg.image_size, self.cfg.image_size), mode="bilinear", align_corners=False
-            )
-        return super().encode(images)
+        return super().encode(resize_pixels(images, self.sample_shape[1:]))
 
     def _view_references(self, view: Tensor) -> Tensor:
         """Prior-space renders (P·K, D) of every prompt's shapes from one view (4,), cached."""

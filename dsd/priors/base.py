@@ -54,6 +54,14 @@ def eps_from_v(x_t: Tensor, v: Tensor, a: Tensor) -> Tensor:
     return a.sqrt() * v + (1 - a).sqrt() * x_t
 
 
+def resize_pixels(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Renders (B, 3, H, W) to the prior's pixel size: plain bilinear (no antialias), so the
+    gradient stays simple; a no-op at the right size."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return torch.nn.functional.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def sigma(a: Tensor) -> Tensor:
     """σ(t) = √(1−ᾱ)/√ᾱ, the noise scale of x̄ = x/√ᾱ (Sec. 3.1)."""
     return ((1 - a) / a).sqrt()

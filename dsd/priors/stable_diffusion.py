@@ -18,7 +18,7 @@ from torch import Tensor
 from dsd.config import PriorConfig
 from dsd.errors import UserError
 from dsd.priors import perp_neg
-from dsd.priors.base import Condition, Prior, eps_from_v, scaled_linear_alphas_cumprod
+from dsd.priors.base import Condition, Prior, eps_from_v, resize_pixels, scaled_linear_alphas_cumprod
 from dsd.registry import register
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -249,10 +249,7 @@ class StableDiffusionPrior(Prior):
     # ---- latents ----------------------------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
         """Pixels in [0, 1] (B, 3, H, W) -> latents (B, 4, h, w), differentiable w.r.t. images."""
-        x = images.to(self.device)
-        size = self.image_shape[1:]
-        if tuple(x.shape[-2:]) != size:  # antialias off: plain bilinear keeps the gradient simple
-            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = resize_pixels(images.to(self.device), self.image_shape[1:])
         # The posterior mean, not a sample: the latent of a render is then a deterministic function
         # of it, so all randomness stays in the seed's own generators (the VAE's std is tiny anyway).
         latents = self.vae.encode((2 * x - 1).to(self.dtype)).latent_dist.mean * self.scaling_factor
