@@ -24,6 +24,11 @@ from dsd.representations.base import Representation
 from dsd.seeding import seed_noise, step_generator
 
 
+def view_count(cameras: Cameras | None) -> int:
+    """Rows a seed contributes to a step: its cameras' views in 3D, one image in 2D."""
+    return 1 if cameras is None else len(cameras)
+
+
 @dataclass
 class SeedState:
     seed: int
@@ -134,8 +139,7 @@ class Trainer:
 
     def context(self, states: list[SeedState], step: int, cameras: list[Cameras | None]) -> GuidanceContext:
         """Rows of the step: every view of every seed, each with its seed's ε* and generator."""
-        views = [1 if c is None else len(c) for c in cameras]
-        rows = [s for s, v in zip(states, views) for _ in range(v)]
+        rows = [s for s, c in zip(states, cameras) for _ in range(view_count(c))]
         stacked = None if cameras[0] is None else Cameras.cat(cameras)
         return GuidanceContext(
             prior=self.prior,
@@ -161,7 +165,7 @@ class Trainer:
         target = self.guidance.initial_target(self.context(fresh, 0, cameras))
         first = 0
         for state, cams in zip(fresh, cameras):
-            views = 1 if cams is None else len(cams)
+            views = view_count(cams)
             if target is not None:
                 state.representation.initialize_to(target[first : first + views], self.prior, cams)
             first += views
@@ -186,7 +190,7 @@ class Trainer:
         rows = (self.prior.rows_evaluated - rows_before) / len(states)
         first = 0
         for state, cams in zip(states, cameras):
-            views = 1 if cams is None else len(cams)
+            views = view_count(cams)
             own = slice(first, first + views)
             first += views
             if bool(finite[own].all()):

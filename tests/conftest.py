@@ -35,3 +35,22 @@ def compose():
         return compose_config(["wandb.mode=disabled", "device=cpu", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def interrupt_at_step(monkeypatch):
+    """interrupt_at_step(k): the next runs raise KeyboardInterrupt (Ctrl-C) when the trainer reaches
+    step k; interrupt_at_step(None) restores the trainer."""
+    from dsd import trainer as trainer_module
+
+    original = trainer_module.Trainer.step
+
+    def arm(k):
+        def step(self, states, step):
+            if step == k:
+                raise KeyboardInterrupt
+            return original(self, states, step)
+
+        monkeypatch.setattr(trainer_module.Trainer, "step", original if k is None else step)
+
+    return arm

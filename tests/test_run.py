@@ -77,29 +77,17 @@ def test_seed_results_are_bitwise_reproducible_and_differ_between_seeds(compose,
     assert np.abs(r[0] - r[1]).max() > 0.05 and np.abs(r[1] - r[2]).max() > 0.05
 
 
-def test_interrupted_run_resumes_to_the_same_result(compose, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(compose, tmp_path, interrupt_at_step):
     overrides = (*TINY, "seeds=[0,1]", "trainer.steps=24", "trainer.checkpoint_every=5")
     run(compose(*overrides), tmp_path / "straight")
-
-    from dsd import trainer as trainer_module
-
-    original = trainer_module.Trainer.step
-    calls = {"n": 0}
-
-    def crash_at_step_13(self, states, step):
-        if step == 13:
-            raise KeyboardInterrupt
-        return original(self, states, step)
-
-    monkeypatch.setattr(trainer_module.Trainer, "step", crash_at_step_13)
+    interrupt_at_step(13)
     with pytest.raises(KeyboardInterrupt):
         run(compose(*overrides), tmp_path / "resumed")
     assert not (tmp_path / "resumed/seed_0/result.npz").exists()
-    monkeypatch.setattr(trainer_module.Trainer, "step", original)
+    interrupt_at_step(None)
     import torch
 
     assert torch.load(tmp_path / "resumed/seed_0/checkpoint.pt", weights_only=False)["step"] == 13
-    del calls
     run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
     for seed in (0, 1):
         assert np.array_equal(

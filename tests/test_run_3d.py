@@ -66,25 +66,20 @@ def test_tiny_stable_diffusion_text_to_3d_end_to_end(compose, tmp_path, tiny_sd,
     assert summary["prior_rows_per_step"] > 2 * 3
 
 
-def test_interrupted_3d_run_with_densification_resumes_to_the_same_result(compose, tmp_path, monkeypatch):
+def test_interrupted_3d_run_with_densification_resumes_to_the_same_result(compose, tmp_path, interrupt_at_step):
     overrides = (*GAUSSIANS, *FAST_3D, "camera.video_frames=0", "prior.image_size=16", "seeds=[0,1]",
                  "trainer.steps=6", "trainer.checkpoint_every=2", "camera.quantize_deg=30",
                  "representation.densify_from=1", "representation.densify_every=2",
                  "representation.grad_threshold=0", "representation.max_points=400")
     run(compose(*overrides), tmp_path / "straight")
-    from dsd import trainer as trainer_module
-
-    original = trainer_module.Trainer.step
-
-    def crash_at_step_5(self, states, step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original(self, states, step)
-
-    monkeypatch.setattr(trainer_module.Trainer, "step", crash_at_step_5)
+    interrupt_at_step(5)
     with pytest.raises(KeyboardInterrupt):
         run(compose(*overrides), tmp_path / "resumed")
-    monkeypatch.setattr(trainer_module.Trainer, "step", original)
+    interrupt_at_step(None)
+    import torch
+
+    ckpt = torch.load(tmp_path / "resumed/seed_0/checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 5 and len(ckpt["representation"]["means"]) > 150  # densified before the crash
     run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
     for seed in (0, 1):
         straight = load_result(tmp_path / f"straight/seed_{seed}/result.npz")

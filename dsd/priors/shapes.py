@@ -80,7 +80,7 @@ def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, backgrou
     """Renders (S, 3, size, size) in [0, 1] of every shape from one orbit view (4,): one projection
     of all shapes' gaussians, then each shape composited over the whole image."""
     from dsd.cameras import orbit_cameras
-    from dsd.render.gaussians import _composite_tile, project_gaussians, viewmats_opencv
+    from dsd.render.gaussians import composite_tile, project_gaussians, viewmats_opencv
 
     camera = orbit_cameras(*(view[i : i + 1] for i in range(4)), size, size)
     cat = lambda name: torch.cat([getattr(s, name) for s in shapes])  # noqa: E731
@@ -96,7 +96,7 @@ def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, backgrou
         local, ids = local[keep], ids[keep]
         order = depths[0, ids].argsort()  # near to far
         local, ids = local[order], ids[order]
-        image = _composite_tile(means2d[0, ids], conics[0, ids], shape.opacities[local], shape.colors[local],
+        image = composite_tile(means2d[0, ids], conics[0, ids], shape.opacities[local], shape.colors[local],
                                 background, 0, 0, size, size)  # (H, W, 4): the whole image as one tile
         out.append(image[..., :3].permute(2, 0, 1))
     return torch.stack(out).clamp(0, 1)

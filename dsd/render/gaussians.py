@@ -157,7 +157,7 @@ def composite_dense(means2d, conics, depths, visible, radii, opacities, colors, 
                 y1, x1 = min(y0 + TILE, height), min(x0 + TILE, width)
                 hit = (lo[:, 0] < x1) & (hi[:, 0] > x0) & (lo[:, 1] < y1) & (hi[:, 1] > y0)
                 tile_ids = ids[hit]  # still near to far
-                row.append(_composite_tile(means2d[v, tile_ids], conics[v, tile_ids], opacities[tile_ids],
+                row.append(composite_tile(means2d[v, tile_ids], conics[v, tile_ids], opacities[tile_ids],
                                            colors[tile_ids], background, x0, y0, x1, y1))
             rows.append(torch.cat(row, dim=1))
         image = torch.cat(rows, dim=0)  # (H, W, 4)
@@ -166,7 +166,7 @@ def composite_dense(means2d, conics, depths, visible, radii, opacities, colors, 
     return torch.stack(rgbs).permute(0, 3, 1, 2), torch.stack(alphas).permute(0, 3, 1, 2)
 
 
-def _composite_tile(mean, conic, opacity, color, background, x0: int, y0: int, x1: int, y1: int) -> Tensor:
+def composite_tile(mean, conic, opacity, color, background, x0: int, y0: int, x1: int, y1: int) -> Tensor:
     """rgb and alpha (y1−y0, x1−x0, 4) of one tile; the gaussians are given near to far."""
     device, dtype = background.device, background.dtype
     ys, xs = torch.meshgrid(torch.arange(y1 - y0, device=device, dtype=dtype),
