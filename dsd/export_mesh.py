@@ -1,4 +1,12 @@
-"""Marching cubes of a density field -> mesh.obj and mesh.glb with vertex colours."""
+"""Marching cubes of a density field -> mesh.obj and mesh.glb with vertex colours.
+
+Our world is z-up with the front at +x (dsd/cameras.py). glTF 2.0 is y-up with the front facing +z
+(glTF 2.0 spec, section 3.4 "Coordinate System and Units"), so the files are written in that frame:
+(x, y, z)_ours -> (X, Y, Z)_file = (y, z, x). That is a cyclic permutation of the axes, a proper
+rotation (determinant +1): handedness and the outward winding of faces are kept. OBJ has no
+convention; it gets the same y-up frame, which most tools assume (Blender's OBJ importer, MeshLab,
+three.js), so the two files agree.
+"""
 
 from __future__ import annotations
 
@@ -40,11 +48,21 @@ def extract_mesh(density_fn: Callable[[Tensor], Tensor], color_fn: Callable[[Ten
     return mesh
 
 
+# Rows: file axes X, Y, Z in our world coordinates (file X = our y, Y = our z, Z = our x).
+Z_UP_TO_Y_UP = np.array([[0.0, 1.0, 0.0, 0.0],
+                         [0.0, 0.0, 1.0, 0.0],
+                         [1.0, 0.0, 0.0, 0.0],
+                         [0.0, 0.0, 0.0, 1.0]])
+
+
 def write_mesh(mesh: trimesh.Trimesh, out_dir: Path, stem: str = "mesh") -> list[Path]:
-    """Write `<stem>.obj` (vertex colours as `v x y z r g b`) and `<stem>.glb`; returns the paths."""
+    """Write `<stem>.obj` (vertex colours as `v x y z r g b`) and `<stem>.glb`, both y-up (module
+    docstring), with vertex normals; `mesh` (world frame) is not modified. Returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    y_up = mesh.copy()
+    y_up.apply_transform(Z_UP_TO_Y_UP)
     paths = [out_dir / f"{stem}.obj", out_dir / f"{stem}.glb"]
     for path in paths:
-        mesh.export(path)
+        y_up.export(path, include_normals=True)
     return paths

@@ -1,8 +1,13 @@
 """Gaussians as .ply in the layout of the original 3DGS code (graphdeco-inria/gaussian-splatting),
-which common splat viewers (SuperSplat, antimatter15/splat, gsplat's viewer) open.
+which common splat viewers (SuperSplat, antimatter15/splat, gsplat's viewer) and the 3DGS
+`GaussianModel.load_ply` itself open.
 
-Per vertex: x y z, nx ny nz (zeros), f_dc_0..2 (degree-0 SH: color = 0.5 + C0·f_dc), opacity
-(logit), scale_0..2 (log), rot_0..3 (quaternion wxyz). No f_rest_*: colors are view-independent.
+Per vertex, in this order (3DGS scene/gaussian_model.py, `construct_list_of_attributes`):
+x y z, nx ny nz (zeros), f_dc_0..2 (degree-0 SH: color = 0.5 + C0·f_dc), f_rest_0..44 (SH degrees
+1-3), opacity (logit), scale_0..2 (log), rot_0..3 (quaternion wxyz).
+
+Our colors are view-independent, so every f_rest is zero. They are still written because the 3DGS
+loader asserts exactly 3·((degree + 1)² − 1) = 45 of them for its default degree 3.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import torch
 from torch import Tensor
 
 SH_C0 = 0.28209479177387814  # degree-0 real spherical harmonic, 1 / (2·sqrt(pi)) (3DGS sh_utils.py)
+SH_DEGREE = 3  # 3DGS default (arguments/__init__.py ModelParams.sh_degree)
+# Higher-order coefficients per colour channel. 3DGS stores them channel-major: f_rest_0..14 are
+# red's, 15..29 green's, 30..44 blue's (save_ply flattens features_rest transposed to (N, 3, 15)).
+SH_REST_PER_CHANNEL = (SH_DEGREE + 1) ** 2 - 1
 
-_FIELDS = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
-           + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
+_FIELDS = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+           + [f"f_rest_{i}" for i in range(3 * SH_REST_PER_CHANNEL)]
+           + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
 
 
 def write_gaussians_ply(path: Path, means: Tensor, log_scales: Tensor, quats: Tensor, opacity_logits: Tensor,
@@ -26,7 +36,9 @@ def write_gaussians_ply(path: Path, means: Tensor, log_scales: Tensor, quats: Te
     from plyfile import PlyData, PlyElement
 
     f_dc = (colors - 0.5) / SH_C0
-    columns = torch.cat([means, torch.zeros_like(means), f_dc, opacity_logits[:, None], log_scales, quats], dim=1)
+    f_rest = torch.zeros(len(means), 3 * SH_REST_PER_CHANNEL, dtype=means.dtype, device=means.device)
+    columns = torch.cat([means, torch.zeros_like(means), f_dc, f_rest, opacity_logits[:, None], log_scales, quats],
+                        dim=1)
     columns = columns.detach().float().cpu().numpy()
     vertices = np.empty(len(columns), dtype=[(name, "f4") for name in _FIELDS])
     for i, name in enumerate(_FIELDS):

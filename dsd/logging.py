@@ -1,5 +1,11 @@
 """Console (rich) and Weights & Biases logging, in one place.
 
+Text printed with `console.print` is shown on the terminal by rich and is also a record of the
+Python logger "dsd", so Hydra's job log file (`<run dir>/<app>.log`) keeps it. Under Hydra the root
+logger also has a terminal handler; `keep_console_lines_off_terminal_handlers` stops it from
+printing those lines a second time. Outside Hydra (tests, notebooks) nothing handles the records
+unless the caller configures logging.
+
 wandb.mode=auto: online when an API key is configured (WANDB_API_KEY or a netrc entry for
 api.wandb.ai), otherwise offline, said in one line. Offline runs can be uploaded later with
 `wandb sync <run_dir>/wandb/offline-run-*`.
@@ -7,8 +13,10 @@ api.wandb.ai), otherwise offline, said in one line. Offline runs can be uploaded
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +30,56 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
-console = Console(stderr=True)
+log = logging.getLogger("dsd")
+_SHOWN = "dsd_shown_on_terminal"  # record attribute: the line is on the terminal already
+
+
+def _record_shown(level: int, message: str, exc_info: bool = False) -> None:
+    log.log(level, message, extra={_SHOWN: True}, exc_info=exc_info)
+
+
+class _RecordingConsole(Console):
+    """A rich console whose printed text is also logged (plain text, markup removed)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*objects, **kwargs)
+        # only text: progress bars and other renderables refresh through print() too
+        if objects and all(isinstance(o, str) for o in objects):
+            text = kwargs.get("sep", " ").join(objects)
+            if kwargs.get("markup") is not False:  # None: the console's default, markup on
+                text = Text.from_markup(text).plain
+            _record_shown(logging.INFO, text)
+
+
+console = _RecordingConsole(stderr=True)
+
+
+def report_error(message: str) -> None:
+    """An error for the person at the terminal: `message` verbatim on stderr (no markup, no wrapping,
+    so it reads the same in a terminal and a log) and an ERROR record for the job log."""
+    print(message, file=sys.stderr)
+    _record_shown(logging.ERROR, message)
+
+
+def log_crash(message: str) -> None:
+    """An unexpected exception, with its traceback, into the job log only (Hydra prints it)."""
+    _record_shown(logging.ERROR, message, exc_info=True)
+
+
+class _NotShownYet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, _SHOWN, False)
+
+
+def keep_console_lines_off_terminal_handlers() -> None:
+    """Hydra's job logging gives the root logger a terminal (stream) handler and a file handler.
+    Call after it is configured: lines the console printed then only go to the file."""
+    for handler in logging.getLogger().handlers:
+        terminal = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if terminal and not any(isinstance(f, _NotShownYet) for f in handler.filters):
+            handler.addFilter(_NotShownYet())
 
 
 def wandb_key_configured() -> bool:
@@ -35,15 +91,19 @@ def wandb_key_configured() -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    if os.environ.get("WANDB_MODE") in ("disabled", "offline") and mode in ("auto", "online"):
-        return os.environ["WANDB_MODE"]  # the environment (tests, CI) can force it off
+def _wandb_mode_and_reason(mode: str) -> tuple[str, str]:
+    forced = os.environ.get("WANDB_MODE")
+    if forced in ("disabled", "offline") and mode in ("auto", "online"):
+        return forced, f"WANDB_MODE={forced}"  # the environment (tests, CI) can force it off
     if mode != "auto":
-        return mode
+        return mode, f"wandb.mode={mode}"
     if wandb_key_configured():
-        return "online"
-    console.print("[dim]W&B: no API key configured, logging offline (upload later with `wandb sync`).[/dim]")
-    return "offline"
+        return "online", "API key configured"
+    return "offline", "no API key configured"
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    return _wandb_mode_and_reason(mode)[0]
 
 
 class RunLogger:
@@ -60,7 +120,11 @@ class RunLogger:
         name: str,
         job_type: str = "run",
     ) -> None:
-        self.mode = resolve_wandb_mode(mode)
+        self.mode, reason = _wandb_mode_and_reason(mode)
+        line = f"W&B: {self.mode} ({reason})"
+        if self.mode == "offline":
+            line += f", upload later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`"
+        console.print(line, style="dim", markup=False, highlight=False)
         self.run = None
         if self.mode == "disabled":
             return

@@ -1,12 +1,13 @@
 """Run-dir files. Every write goes to a temporary file first and is renamed into place, so a
-crash or Ctrl-C never leaves a half-written file."""
+crash or Ctrl-C never leaves a half-written file. Files get the mode of a plain `open(path, "w")`
+(0666 minus the umask, usually 0644) so collaborators can read the results."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,27 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def _create_temp_beside(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named hidden file next to `path`: (fd, path). Created with mode 0666 so the
+    kernel applies the umask, as for any ordinary file (tempfile.mkstemp would force 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -91,7 +103,8 @@ def make_grid(images: list[np.ndarray], labels: list[str], tile: int = 160) -> I
 
 
 def save_video(path: Path, frames: np.ndarray, fps: int = 24) -> None:
-    """frames (N, H, W, 3) in [0, 1] -> H.264 mp4 (imageio-ffmpeg), written atomically."""
+    """frames (N, H, W, 3) in [0, 1] -> H.264 mp4 (imageio-ffmpeg), written atomically. The index
+    (moov box) goes first (`+faststart`) so browsers and W&B can play it while it downloads."""
     import imageio.v2 as imageio
 
     path = Path(path)
@@ -99,7 +112,8 @@ def save_video(path: Path, frames: np.ndarray, fps: int = 24) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         # macro_block_size=1: small renders (e.g. 64 px) are not padded up to multiples of 16
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as writer:
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8,
+                                output_params=["-movflags", "+faststart"]) as writer:
             for frame in frames:
                 writer.append_data(to_uint8(frame))
         os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Name -> (class, config dataclass) registries for the config groups.
 
-Adding a method is one module (decorated with `register`) plus one yaml in conf/<group>/;
+Adding a method is one module (decorated with `register`) plus one yaml in dsd/conf/<group>/;
 `load_all` imports every module of the group packages so nothing else needs editing.
 """
 
@@ -21,7 +21,7 @@ def register(group: str, name: str, config_cls: type):
 
     def decorate(cls: type) -> type:
         _REGISTRY[group][name] = (cls, config_cls)
-        # The yaml in conf/<group>/<name>.yaml starts from this schema, so unknown keys and
+        # The yaml in dsd/conf/<group>/<name>.yaml starts from this schema, so unknown keys and
         # wrong types are rejected by OmegaConf at composition time.
         ConfigStore.instance().store(group=f"schema/{group}", name=name, node=config_cls)
         return cls

@@ -22,17 +22,46 @@ def dsd(tool, *args, tmp_path):
     )
 
 
+def job_log(run_dir: Path, app: str) -> str:
+    """Hydra's job log: named after the app, the only log file in the run dir."""
+    assert [p.name for p in run_dir.glob("*.log")] == [f"{app}.log"]
+    return (run_dir / f"{app}.log").read_text()
+
+
 def test_dsd_run_end_to_end(tmp_path):
     proc = dsd("dsd-run", "seeds=[0,5]", "trainer.steps=5", "prior.image_size=8", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [e["seed"] for e in summary["seeds"]] == [0, 5] and summary["guidance"] == "dsd"
+    log = job_log(tmp_path, "dsd-run")
+    for line in ("dsd-run seeds=[0,5] trainer.steps=5", "W&B: disabled", f"done 2 seeds in {summary['wall_s']:.1f}s"):
+        assert line in log, (line, log)
+        assert (proc.stdout + proc.stderr).count(line) == 1, line  # on the terminal once, not twice
 
 
 def test_dsd_sample_end_to_end(tmp_path):
     proc = dsd("dsd-sample", "seeds=3", "sampler.steps=4", "prior.image_size=8", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "seed_2" / "result.npz").exists() and (tmp_path / "grid.png").exists()
+    assert "sampled 3 seeds" in job_log(tmp_path, "dsd-sample")
+
+
+def test_user_errors_go_to_the_job_log(tmp_path):
+    proc = dsd("dsd-run", "trainer.steps=0", "prior.image_size=8", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    assert "trainer.steps" in error and error in job_log(tmp_path, "dsd-run")
+
+
+def test_help_lists_the_user_groups_not_the_schema(tmp_path):
+    proc = dsd("dsd-run", "--help", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "schema" not in proc.stdout.lower()
+    conf = Path(__file__).resolve().parent.parent / "dsd" / "conf"
+    for group in ("guidance", "prior", "representation", "experiment"):
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in proc.stdout, group
+    assert "dsd-run" in proc.stdout and "cli" not in proc.stdout.split()
 
 
 @pytest.mark.parametrize(

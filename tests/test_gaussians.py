@@ -198,7 +198,9 @@ def test_ply_round_trip(tmp_path):
     from plyfile import PlyData
 
     names = [p.name for p in PlyData.read(str(path))["vertex"].properties]
-    assert names[:10] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
+    assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[9:54] == [f"f_rest_{i}" for i in range(45)]  # SH degree 3, as 3DGS's load_ply expects
+    assert names[54] == "opacity"
     f_dc = torch.tensor(PlyData.read(str(path))["vertex"]["f_dc_0"])
     assert torch.allclose(f_dc, (rep.color_logits[:, 0].sigmoid().detach() - 0.5) / SH_C0, atol=1e-5)
     other = GaussiansRepresentation(GaussiansConfig(num_points=10), PixelPrior())
