@@ -22,13 +22,93 @@ def test_ddim_step_is_eq1():
         torch.testing.assert_close(out[i] / a_n[i].sqrt(), x[i] / a_t[i].sqrt() + (s_n - s_t) * eps[i])
 
 
-def test_single_reference_ddim_lands_exactly_on_it():
-    prior = make_prior(k=1)
-    cond = prior.condition("a dog", batch=3)
-    eps_star = torch.randn(3, *prior.sample_shape, generator=torch.Generator().manual_seed(0))
-    out = ddim_sample(prior, eps_star, cond, steps=5, cfg_scale=1.0)
-    ref = prior.encode(prior.references("a dog"))
-    torch.testing.assert_close(out, ref.expand_as(out), atol=1e-5, rtol=0)
+class TwoPoints:
+    """The exact DDIM / probability-flow ODE of a uniform mixture of two points x1, x2, written
+    without dsd.ode or the prior's denoiser. In x̄ = x/√ᾱ with σ² = (1−ᾱ)/ᾱ, split x̄ − m = u·e + w
+    (m = (x1+x2)/2, d = (x1−x2)/2 = L·e): the posterior is logistic in u alone,
+    p(x1) − p(x2) = tanh(u·L/σ²), so E[x0|x̄] = m + tanh(u·L/σ²)·d and ε̂ = (x̄ − E[x0|x̄])/σ.
+    The part of ε̂ off the line through x1, x2 is w/σ, so w ∝ σ exactly, and u follows
+    du/dσ = (u − L·tanh(u·L/σ²))/σ."""
+
+    def __init__(self, refs, alphas_cumprod, eps_star):
+        x1, x2 = refs.flatten(1).double()
+        self.m, self.d = (x1 + x2) / 2, (x1 - x2) / 2
+        self.L = self.d.norm()
+        self.e, self.a = self.d / self.L, alphas_cumprod
+        xbar = eps_star.flatten(1) / self.a[999].sqrt() - self.m  # x(T−1) = ε*
+        self.u0 = xbar @ self.e
+        self.w0 = xbar - self.u0[:, None] * self.e
+
+    def sigma(self, t):
+        return ((1 - self.a[t]) / self.a[t]).sqrt()
+
+    def state(self, t, u):
+        """x(t) = √ᾱ·x̄ from the coordinate u at t. (B, D)"""
+        return self.a[t].sqrt() * (self.m + u[:, None] * self.e + self.w0 * self.sigma(t) / self.sigma(999))
+
+    def ddim(self, grid):
+        """Euler steps in σ on `grid` (x̄' = x̄ + (σ' − σ)·ε̂): the states x(g_j), the posterior
+        differences p(x1) − p(x2) there, and x0 = E[x0|x̄] at the last point."""
+        u, states, posteriors = self.u0, [], []
+        for t, t_next in zip(grid, [*grid[1:], None]):
+            states.append(self.state(t, u))
+            posteriors.append(torch.tanh(u * self.L / self.sigma(t) ** 2))
+            pulled = self.L * posteriors[-1]  # the u-coordinate of E[x0|x̄]
+            if t_next is not None:
+                u = pulled + self.sigma(t_next) * (u - pulled) / self.sigma(t)
+        return states, posteriors, self.m + posteriors[-1][:, None] * self.d
+
+    def ode(self, t_end, substeps=400):
+        """u(t_end) of the continuous ODE from T−1: RK4 in log σ (du/dlogσ = u − L·tanh(u·L/σ²))."""
+        f = lambda u, log_s: u - self.L * torch.tanh(u * self.L / torch.exp(2 * log_s))  # noqa: E731
+        log_s = torch.linspace(float(self.sigma(999).log()), float(self.sigma(t_end).log()), substeps + 1,
+                               dtype=torch.float64)
+        u = self.u0
+        for lo, hi in zip(log_s[:-1], log_s[1:]):
+            h, mid = hi - lo, (lo + hi) / 2
+            k1 = f(u, lo)
+            k2 = f(u + h / 2 * k1, mid)
+            k3 = f(u + h / 2 * k2, mid)
+            k4 = f(u + h * k3, hi)
+            u = u + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return u
+
+
+def two_point_setup(batch=3):
+    prior = make_prior(k=2)
+    cond = prior.condition("a dog", batch=batch)
+    refs = prior.references("a dog").double() * 2 - 1  # the mixture's two points, in prior space
+    eps_star = torch.randn(batch, *prior.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return prior, cond, eps_star, TwoPoints(refs, prior.alphas_cumprod, eps_star)
+
+
+def test_ddim_of_two_points_follows_the_closed_form_steps():
+    """The official 10-step grid (999, 899, …, 99, 0), CFG 1 (conditional = the two points)."""
+    prior, cond, eps_star, exact = two_point_setup()
+    grid = [999 - 100 * k for k in range(10)] + [0]
+    states, posteriors, x0 = exact.ddim(grid)
+    ode = OdeTrajectories(prior, 10, 1.0)
+    for j, state in enumerate(states):
+        x, _ = ode.state_at([0, 1, 2], eps_star, cond, torch.full((3,), j))
+        torch.testing.assert_close(x.flatten(1), state, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ddim_sample(prior, eps_star, cond, 10, 1.0).flatten(1), x0, atol=1e-10, rtol=1e-10)
+    # not a trivial case: two distinct points, and rows still undecided between them at t = 499
+    assert exact.L > 0.1 and (posteriors[5].abs() < 0.9).any()
+
+
+def test_ddim_of_two_points_converges_to_the_probability_flow_ode():
+    """First order in the step: 10x the steps, about 10x closer to the fine-step ODE solution."""
+    prior, cond, eps_star, exact = two_point_setup()
+    checks = [899, 499, 199, 99, 0]  # on both grids below
+    reference = torch.stack([exact.state(t, exact.ode(t)) for t in checks])
+    errors = []
+    for steps in (10, 100):
+        ode = OdeTrajectories(prior, steps, 1.0)
+        index = [int((ode.grid == t).nonzero()) for t in checks]
+        ours = torch.stack([ode.state_at([0, 1, 2], eps_star, cond, torch.full((3,), j))[0].flatten(1)
+                            for j in index])
+        errors.append(float((ours - reference).abs().max()))
+    assert errors[1] < errors[0] / 5 and errors[1] < 0.05, errors
 
 
 def test_cache_gives_the_same_eps_as_resimulation_with_fewer_rows():

@@ -113,17 +113,27 @@ def test_perp_neg_view_weights(prior, azimuth, elevation, pos, mix, neg, weight)
     assert cond.perp_weight[0].tolist() == pytest.approx(weight, abs=1e-9)
 
 
-def test_perp_neg_eps_matches_independent_projection(prior):
-    """Perp-Neg Eq. 6 computed row by row with separate UNet calls and explicit projections."""
+@pytest.mark.parametrize(
+    "scales, rows",
+    [
+        ([7.5, 7.5, 7.5], 10),  # 3 conditional + 3 unconditional + 2 negatives per non-overhead row
+        # g = 1 rows with negatives still need ε_u and their negatives (official DSD at x̂(t+δ));
+        # the overhead row (no negatives) at g = 1 is plain ε_c and adds nothing: 3 + 2 + 4
+        ([1.0, 7.5, 1.0], 9),
+        ([1.0, 1.0, 1.0], 9),
+    ],
+)
+def test_perp_neg_eps_matches_independent_projection(prior, scales, rows):
+    """Perp-Neg Eq. 6 computed row by row with separate UNet calls and explicit projections, at
+    any scale g, 1 included: ε_u + g·(e_pos − Σ w_i·e_i^⊥)."""
     x, t = noisy(3, seed=1)
     cams = cameras([-60.0, 150.0, 10.0], [5.0, 20.0, 80.0])
     cond = prior.condition("a corgi", batch=3, cameras=cams)
     calls = []
     prior.unet.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     before = prior.rows_evaluated
-    eps = prior.eps(x, t, cond, 7.5)
-    # 3 conditional + 3 unconditional + 2 negatives for each non-overhead row, one call
-    assert calls == [10] and prior.rows_evaluated - before == 10
+    eps = prior.eps(x, t, cond, torch.tensor(scales))
+    assert calls == [rows] and prior.rows_evaluated - before == rows  # one call
     E = dict(zip(("front", "side", "back", "overhead", ""),
                  encode_text(prior, [f"a corgi, {v} view" for v in ("front", "side", "back", "overhead")] + [""])))
     r0, r1 = 1 - 60 / 90, 2 - 150 / 90
@@ -135,14 +145,17 @@ def test_perp_neg_eps_matches_independent_projection(prior):
         (E["overhead"], []),
     ]
     for row, (positive, negatives) in enumerate(setups):
-        xr, tr = x[row : row + 1], t[row : row + 1]
+        xr, tr, g = x[row : row + 1], t[row : row + 1], scales[row]
         e_u = unet(prior, xr, tr, E[""][None]).flatten()
-        e_pos = unet(prior, xr, tr, positive[None]).flatten() - e_u
+        e_c = unet(prior, xr, tr, positive[None]).flatten()
+        e_pos = e_c - e_u
         total = e_pos.clone()
         for emb, w in negatives:
             e_i = unet(prior, xr, tr, emb[None]).flatten() - e_u
             total -= w * (e_i - torch.dot(e_i, e_pos) / torch.dot(e_pos, e_pos) * e_pos)
-        torch.testing.assert_close(eps[row].flatten(), e_u + 7.5 * total, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(eps[row].flatten(), e_u + g * total, atol=2e-4, rtol=1e-4)
+        if negatives:  # the negatives really changed the result, also at g = 1
+            assert (eps[row].flatten() - (e_u + g * e_pos)).abs().max() > 1e-2
 
 
 def test_view_dependent_without_perp_neg_uses_view_prompts(tiny_sd):

@@ -116,3 +116,16 @@ def build_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0) -
         )
     )
     return path
+
+
+def with_scheduler(source: Path, path: Path, **overrides) -> Path:
+    """The SD at `source` with its scheduler config changed by `overrides` (e.g. prediction_type,
+    rescale_betas_zero_snr), written to `path`; the model folders are symlinked, not copied."""
+    source, path = Path(source), Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "model_index.json"):
+        (path / name).symlink_to((source / name).resolve())
+    config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+    (path / "scheduler").mkdir()
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, **overrides}, indent=2))
+    return path

@@ -17,7 +17,11 @@ from dsd.schedules import loss_weight, timestep_bounds, uniform_timestep
 @dataclass
 class SDSConfig(GuidanceConfig):
     name: str = "sds"
-    cfg_scale: float = 100.0  # threestudio's default for SDS
+    # g of ε_u + g·(ε_c − ε_u) (dsd.priors.base.classifier_free_guidance). threestudio's SDS default
+    # guidance_scale 100 (configs/dreamfusion-sd.yaml:73) is g = 100 in its Perp-Neg branch
+    # (threestudio/models/guidance/stable_diffusion_guidance.py:228) but w = 100 of
+    # ε_c + w·(ε_c − ε_u), i.e. g = 101, in its default one without Perp-Neg (same file, :251).
+    cfg_scale: float = 100.0
     t_min: float = 0.02  # fractions of T
     t_max: float = 0.98
 

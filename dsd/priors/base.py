@@ -16,12 +16,16 @@ from torch import Tensor
 from dsd.priors.perp_neg import perp_neg_guidance
 
 
+def scaled_linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Stable Diffusion's "scaled_linear" betas: linear in √β, in float64. (T,)"""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
 def scaled_linear_alphas_cumprod(
     num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
 ) -> Tensor:
     """ᾱ of Stable Diffusion's "scaled_linear" beta schedule, in float64. (T,)"""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+    return torch.cumprod(1.0 - scaled_linear_betas(num_train_timesteps, beta_start, beta_end), dim=0)
 
 
 def per_row(a: Tensor, like: Tensor) -> Tensor:
@@ -68,7 +72,9 @@ def sigma(a: Tensor) -> Tensor:
 
 
 def classifier_free_guidance(eps_uncond: Tensor, eps_cond: Tensor, scale: Tensor) -> Tensor:
-    """ε_g = ε_u + g·(ε_c − ε_u) (Ho & Salimans 2022); g per row, (B,)."""
+    """ε_g = ε_u + g·(ε_c − ε_u); g per row, (B,). g is diffusers' guidance_scale (Imagen's w,
+    Saharia et al. 2022 Eq. 2): g = 1 is no guidance. Ho & Salimans 2022 (Eq. 6) and threestudio's
+    non-Perp-Neg branch write (1 + w)·ε_c − w·ε_u instead, i.e. g = w + 1."""
     return eps_uncond + per_row(scale, eps_cond) * (eps_cond - eps_uncond)
 
 
@@ -163,23 +169,28 @@ class Prior(torch.nn.Module, abc.ABC):
     def eps(self, x_t: Tensor, t: Tensor, cond: Condition, cfg_scale: float | Tensor) -> Tensor:
         """Guided ε̂ for B rows in ONE batched call. (B, C, H, W), t (B,), cfg_scale float or (B,).
 
-        Unconditional rows are added only for rows whose scale is not 1 (at g = 1, CFG is the
-        conditional prediction), so mixed-scale batches such as DSD's two points cost no waste.
-        When the condition carries Perp-Neg negatives (`Condition.negative_prompts`), the guided
-        rows' negative prompts join the same call and are mixed by `perp_neg_guidance`.
+        A row is "guided" (gets an unconditional row) when its scale is not 1 or it has Perp-Neg
+        negatives (`Condition.negative_prompts`): at g = 1 plain CFG is the conditional prediction,
+        so mixed-scale batches such as DSD's two points cost no waste, but Perp-Neg at g = 1 is
+        still ε_c − Σ w_i·e_i^⊥: the official DSD code evaluates x̂(t+δ) with guidance_scale 1.0
+        through its Perp-Neg branch (BillyXYB/Diverse-Score-Distillation,
+        threestudio/models/guidance/stable_diffusion_dsd_guidance.py:364 and :200-233).
+        The guided rows' negative prompts join the same call and are mixed by `perp_neg_guidance`.
         """
         batch = x_t.shape[0]
         scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=x_t.device).expand(batch)
-        guided = (scale != 1).nonzero().flatten()
+        negatives = cond.negative_prompts()
+        needs_uncond = scale != 1
+        if negatives is not None:
+            needs_uncond[negatives[1].to(x_t.device)] = True
+        guided = needs_uncond.nonzero().flatten()
         xs, ts, conds = [x_t, x_t[guided]], [t, t[guided]], [cond]
-        negatives = None
         if len(guided):
             conds.append(cond.rows(guided.cpu()))
-            negatives = conds[-1].negative_prompts()
-        if negatives is not None:  # Perp-Neg: each guided row's negative prompts, same batch
+        if negatives is not None:  # Perp-Neg: every row's negative prompts, same batch
             neg_cond, owner, weight = negatives
-            rows = guided[owner.to(guided.device)]
-            xs, ts, conds = [*xs, x_t[rows]], [*ts, t[rows]], [*conds, neg_cond]
+            owner = owner.to(x_t.device)
+            xs, ts, conds = [*xs, x_t[owner]], [*ts, t[owner]], [*conds, neg_cond]
         x_all, t_all = torch.cat(xs), torch.cat(ts)
         cond_all = Condition.cat(conds) if len(conds) > 1 else cond
         unconditional = torch.zeros(len(x_all), dtype=torch.bool, device=x_t.device)
@@ -187,11 +198,15 @@ class Prior(torch.nn.Module, abc.ABC):
         raw = self.predict_eps(x_all, t_all, cond_all, unconditional)
         self.rows_evaluated += len(x_all)
         out = raw[:batch].clone()
+        if not len(guided):
+            return out
+        eps_uncond = raw[batch : batch + len(guided)]
         if negatives is not None:
+            slot = torch.cumsum(needs_uncond, 0) - 1  # row -> its position among the guided rows
             out[guided] = perp_neg_guidance(
-                raw[batch : batch + len(guided)], raw[guided], raw[batch + len(guided) :],
-                owner.to(raw.device), weight.to(raw.device), scale[guided],
+                eps_uncond, raw[guided], raw[batch + len(guided) :], slot[owner].to(raw.device),
+                weight.to(raw.device), scale[guided],
             )  # fmt: skip
-        elif len(guided):
-            out[guided] = classifier_free_guidance(raw[batch:], raw[guided], scale[guided])
+        else:
+            out[guided] = classifier_free_guidance(eps_uncond, raw[guided], scale[guided])
         return out

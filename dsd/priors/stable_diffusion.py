@@ -8,6 +8,7 @@ Perp-Neg rows are all evaluated in ONE UNet call by `Prior.eps`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +19,7 @@ from torch import Tensor
 from dsd.config import PriorConfig
 from dsd.errors import UserError
 from dsd.priors import perp_neg
-from dsd.priors.base import Condition, Prior, eps_from_v, resize_pixels, scaled_linear_alphas_cumprod
+from dsd.priors.base import Condition, Prior, eps_from_v, resize_pixels, scaled_linear_betas
 from dsd.registry import register
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -78,20 +79,73 @@ def missing_weights_error(cfg: StableDiffusionConfig, err: Exception) -> UserErr
     )
 
 
-def alphas_cumprod_from(config: dict) -> Tensor:
-    """ᾱ (T,) in float64 from a diffusers scheduler config."""
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' DDIMScheduler's
+# Fields that change the model itself (not just how diffusers samples it), with the values we do not
+# implement. Every other field (timestep_spacing, steps_offset, set_alpha_to_one, clip_sample,
+# thresholding, solver settings, ...) only shapes diffusers' own samplers and is ignored on purpose:
+# our DDIM grid and step follow the official DSD code (dsd/ode.py).
+UNMODELED_VALUES = {
+    "variance_type": ("learned", "learned_range"),  # the UNet also predicts a variance
+    "timestep_type": ("continuous",),  # the UNet is fed a σ-based time, not the integer t
+    "use_flow_sigmas": (True,),  # flow matching, not x_t = √ᾱ·x0 + √(1−ᾱ)·ε
+}
+# ᾱ at T−1 under zero terminal SNR: 0 exactly would make σ(T−1) infinite and x0_from_eps 0/0 at
+# the ODE's first grid point and the top of the t range; diffusers' samplers clamp it to this
+# (scheduling_euler_discrete.py:251 in diffusers 0.42.1, "FP16 smallest positive subnormal").
+ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24
+
+
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
+    """ "squaredcos_cap_v2" (improved DDPM's cosine schedule): β_i = min(1 − f((i+1)/T)/f(i/T), max_beta),
+    f(s) = cos²((s + 0.008)/1.008 · π/2); max_beta 0.999 as diffusers' betas_for_alpha_bar. (T,) float64"""
+    s = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps Are Flawed"), Alg. 1,
+    on ᾱ directly: shift √ᾱ so its last value is 0 and scale it so its first value is kept."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0], root[-1]
+    return ((root - last) * first / (first - last)) ** 2
+
+
+def alphas_cumprod_from(config: dict, source: str = "the scheduler config") -> Tensor:
+    """ᾱ (T,) in float64 from a diffusers scheduler config, built from the same fields as diffusers'
+    DDIMScheduler (num_train_timesteps, beta_start/end, beta_schedule, trained_betas,
+    rescale_betas_zero_snr); a value we do not model is a UserError naming it."""
+    for key, refused in UNMODELED_VALUES.items():
+        if config.get(key) in refused:
+            raise UserError(f"{source}: {key}={config[key]!r} is not supported (it changes the model, "
+                            f"which this prior does not implement); accepted: anything but {list(refused)}.")
     T = config.get("num_train_timesteps", 1000)
+    if not isinstance(T, int) or T < 2:
+        raise UserError(f"{source}: num_train_timesteps={T!r} is not accepted; use an integer >= 2.")
     start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
     kind = config.get("beta_schedule", "linear")
     if config.get("trained_betas") is not None:
-        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64).flatten()
+        if len(betas) != T:
+            raise UserError(f"{source}: trained_betas has {len(betas)} values but num_train_timesteps={T}; "
+                            "they must match.")
     elif kind == "scaled_linear":
-        return scaled_linear_alphas_cumprod(T, start, end)
+        betas = scaled_linear_betas(T, start, end)
     elif kind == "linear":
         betas = torch.linspace(start, end, T, dtype=torch.float64)
+    elif kind == "squaredcos_cap_v2":
+        betas = cosine_betas(T)
     else:
-        raise UserError(f"scheduler beta_schedule={kind!r} is not supported; accepted: scaled_linear, linear.")
-    return torch.cumprod(1 - betas, dim=0)
+        raise UserError(f"{source}: beta_schedule={kind!r} is not supported; accepted: "
+                        f"{', '.join(BETA_SCHEDULES)} (or trained_betas).")
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    zero_snr = config.get("rescale_betas_zero_snr", False)
+    if zero_snr not in (True, False):
+        raise UserError(f"{source}: rescale_betas_zero_snr={zero_snr!r} is not accepted; use true or false.")
+    if zero_snr:
+        alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+        alphas_cumprod[-1] = ZERO_SNR_LAST_ALPHA_CUMPROD
+    return alphas_cumprod
 
 
 @register("prior", "sd21", StableDiffusionConfig)
@@ -142,7 +196,7 @@ class StableDiffusionPrior(Prior):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise UserError(f"prediction_type={self.prediction_type!r} of {cfg.pretrained} is not supported; "
                             "accepted: epsilon, v_prediction.")
-        self.alphas_cumprod = alphas_cumprod_from(scheduler)
+        self.alphas_cumprod = alphas_cumprod_from(scheduler, f"prior.pretrained={cfg.pretrained} scheduler")
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False).eval()
         # UNet, VAE and text encoder all run in the prior's dtype (loaded so, see above); inputs and
