@@ -105,8 +105,10 @@ class OdeTrajectories:
         return x, torch.stack([traj.eps[int(j)] for traj, j in zip(trajs, index)])
 
     def eps_exactly_at(self, keys: Sequence[Hashable], eps_star: Tensor, cond: Condition, t: Tensor) -> Tensor:
-        """ε̂ at an arbitrary t on the ODE, as the official DSD code: a partial DDIM step from the
-        last grid point at or above t down to t, then one more prior call at t. (B, C, H, W)"""
+        """ε̂ at an arbitrary t on the ODE, as the official DSD code (stable_diffusion_dsd_guidance.py:
+        335-351: DDIM through the grid points above t, a partial step to t, one more prediction at t
+        with the ODE's CFG): a partial DDIM step from the last grid point at or above t down to t
+        (the identity when t is that grid point), then one more prior call at t. (B, C, H, W)"""
         j = self.grid_index_at_or_above(t)
         x_j, eps_j = self.state_at(keys, eps_star, cond, j)
         x_t = ddim_step(x_j, eps_j, self.prior.alpha(self.grid[j.cpu()]), self.prior.alpha(t.cpu()))

@@ -11,18 +11,21 @@ def loss_weight(a: Tensor) -> Tensor:
     return 1 - a
 
 
-def annealed_timestep(step: int, steps: int, t_max: int, t_min: int, kind: str) -> int:
-    """Deterministic t going from t_max (step 0) to t_min (step `steps`).
+def annealed_timestep(step: int, steps: int, num_train_timesteps: int, max_frac: float, min_frac: float, kind: str) -> int:
+    """Deterministic t going from T·max_frac (step 0) to T·min_frac (step `steps`).
 
     kind="sqrt" follows the official DSD code: progress p = (step/steps)^0.5, so the run spends
     less time at large t; kind="linear" is Alg. 1's t = T(1 − i/N) between the same bounds.
+    The fractions are mixed before scaling by T, in the official order (BillyXYB/Diverse-Score-
+    Distillation, stable_diffusion_dsd_guidance.py:622-628 then set_min_max_steps:142), so the
+    integer t equals the official one at every step (mixing integer bounds is off by 1 at some).
     """
     progress = step / steps
     if kind == "sqrt":
         progress = progress**0.5
     elif kind != "linear":
         raise ValueError(f"unknown annealing {kind!r}")
-    return int(t_min + (t_max - t_min) * (1 - progress))
+    return int(num_train_timesteps * ((max_frac - min_frac) * (1 - progress) + min_frac))
 
 
 def uniform_timestep(generator: torch.Generator, t_min: int, t_max: int) -> int:

@@ -19,7 +19,7 @@ from dsd.cameras import Cameras, eval_cameras, sample_cameras
 from dsd.config import CameraConfig, TrainerConfig
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.outputs import save_torch
-from dsd.priors.base import Prior
+from dsd.priors.base import Prior, per_row
 from dsd.representations.base import Representation
 from dsd.seeding import seed_noise, step_generator
 
@@ -180,8 +180,11 @@ class Trainer:
         grad, info = self.guidance.grad(x.detach(), self.context(states, step, cameras))
         finite = torch.isfinite(grad).flatten(1).all(1)  # NaN guard: such a row adds nothing
         grad = torch.where(finite.reshape(-1, 1, 1, 1), grad, torch.zeros_like(grad))
-        # d/dx of Σ x·grad is grad: each seed's parameters get exactly its own rows' gradient.
-        loss = (x * grad.detach()).sum()
+        # d/dx of Σ x·grad/V is grad/V: each seed's parameters get the mean of its own views'
+        # gradients, as the official loss 0.5·‖x − (x − grad)‖²/batch_size (BillyXYB/Diverse-Score-
+        # Distillation, threestudio/models/guidance/stable_diffusion_dsd_guidance.py:447).
+        views = torch.tensor([float(view_count(c)) for c in cameras for _ in range(view_count(c))], device=x.device)
+        loss = (x * grad.detach() / per_row(views, x)).sum()
         for state in states:
             loss = loss + sum(state.representation.regularizers().values(), torch.zeros(()))
             state.optimizer.zero_grad(set_to_none=True)

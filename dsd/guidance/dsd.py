@@ -1,12 +1,17 @@
 """DSD (interp): Diverse Score Distillation, Eq. 9–10 / Alg. 3, with the official code's defaults.
 
 Each seed has a fixed ε*. At step i, t anneals deterministically; t+δ ≥ t with
-δ = U·min(0.1(t − t_min), T−1−t) (official, after ASD). The DDIM ODE from ε* (CFG ode_cfg_scale)
-gives ε_ode at the last grid point at or above t+δ (cached, see dsd.ode); then
+δ = U·min(0.1(t − t_min), T−1−t) (official, after ASD). ε_ode is the ODE's prediction at t+δ:
+the DDIM ODE from ε* (CFG ode_cfg_scale) is stepped to t+δ exactly and evaluated there, as
+Alg. 3 lines 7–8 and the official code (BillyXYB/Diverse-Score-Distillation,
+threestudio/models/guidance/stable_diffusion_dsd_guidance.py:335-351); see
+`OdeTrajectories.eps_exactly_at`. Then
     x̂(t) = √ᾱ(t)·x + √(1−ᾱ(t))·ε_ode,  x̂(t+δ) likewise,                               (Eq. 9)
     grad = w(t)·(ε̂_{g}(x̂(t), t) − ε̂_{g+}(x̂(t+δ), t+δ))                               (Eq. 10)
-with both points in ONE prior call. Ablations (Table 3) replace ε_ode: `ode=random` draws fresh
-noise every step (ASD-like), `ode=linear` uses ε* itself (a straight line from x to ε*).
+with both points in ONE prior call. `ode_target=grid` is the cheap variant: ε at the last grid
+point at or above t+δ, free from the trajectory cache (the exact target costs one more guided
+prior call per row and step). Ablations (Table 3) replace ε_ode: `ode=random` draws fresh noise
+every step (ASD-like), `ode=linear` uses ε* itself (a straight line from x to ε*).
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ class DSDConfig(GuidanceConfig):
     ode_cfg_scale: float = 7.5  # along the ODE
     ode_steps: int = 10  # N_ddim
     ode_cache: bool = True  # False re-simulates the ODE every step (official behaviour)
-    ode_target: str = "grid"  # grid: ε at the grid point at or above t+δ (cached, free) |
-    # exact: step the ODE to t+δ itself and evaluate ε there (official code; +1 prior call/step)
+    # exact: step the ODE to t+δ and evaluate ε there (Alg. 3, official code; +1 guided prior call
+    # per row and step) | grid: ε at the last grid point at or above t+δ (cached, no extra call)
+    ode_target: str = "exact"
     t_schedule: str = "sqrt"  # sqrt (official) | linear (Alg. 1) | random (uniform, SDS-like)
     t_min: float = 0.32  # fractions of T (official configs/dsd.yaml)
     t_max: float = 0.98
@@ -96,13 +102,13 @@ class DSD(OdeGuidance):
 
     def timesteps(self, ctx: GuidanceContext) -> tuple[torch.Tensor, torch.Tensor, int]:
         """t (B,) from the schedule and t+δ (B,) from each row's own generator."""
-        T = self.prior.num_train_timesteps
-        t_min, t_max = timestep_bounds(T, self.cfg.t_min, self.cfg.t_max)
-        if self.cfg.t_schedule == "random":
+        T, cfg = self.prior.num_train_timesteps, self.cfg
+        t_min, t_max = timestep_bounds(T, cfg.t_min, cfg.t_max)
+        if cfg.t_schedule == "random":
             t = torch.tensor([uniform_timestep(g, t_min, t_max) for g in ctx.generators])
         else:
             t = torch.full(
-                (len(ctx.seeds),), annealed_timestep(ctx.step, ctx.steps, t_max, t_min, self.cfg.t_schedule)
+                (len(ctx.seeds),), annealed_timestep(ctx.step, ctx.steps, T, cfg.t_max, cfg.t_min, cfg.t_schedule)
             )
         room = torch.minimum(self.cfg.delta_ratio * (t - t_min).clamp(min=0).double(), (T - 1 - t).double())
         t_plus = (t + (room * ctx.rand_rows()).long()).clamp(self.cfg.delta_min, T - 1)
