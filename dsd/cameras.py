@@ -3,7 +3,9 @@
 Conventions (tested): world is z-up with the object at the origin; a camera at elevation e and
 azimuth a (degrees) sits at d·(cos e·cos a, cos e·sin a, sin e) and looks at the origin.
 Azimuth 0 is the front view (+x). `c2w` is camera-to-world in the OpenGL/nerfstudio convention:
-camera x right, y up, looking along −z.
+camera x right, y up, looking along −z. Random training cameras are perturbed away from that orbit
+(threestudio's camera/center/up perturbations): `c2w` and `fovy_deg` are the camera every renderer
+uses; elevation/azimuth/distance are the orbit it was sampled around.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ VIEW_LABELS = ("front", "side", "back", "overhead")
 
 @dataclass
 class Cameras:
-    c2w: Tensor  # (B, 4, 4) camera-to-world, OpenGL convention
+    c2w: Tensor  # (B, 4, 4) camera-to-world, OpenGL convention: with fovy_deg, the whole camera
     fovy_deg: Tensor  # (B,) vertical field of view
-    elevation_deg: Tensor  # (B,)
-    azimuth_deg: Tensor  # (B,) in (−180, 180], 0 = front
+    elevation_deg: Tensor  # (B,) orbit description (before perturbation), for view prompts and logs
+    azimuth_deg: Tensor  # (B,) in [−180, 180), 0 = front
     distance: Tensor  # (B,)
     width: int
     height: int
@@ -67,29 +69,54 @@ class Cameras:
         return labels
 
 
-def look_at_c2w(position: Tensor) -> Tensor:
-    """Camera-to-world (B, 4, 4) for cameras at `position` (B, 3) looking at the origin, z-up."""
-    forward = -position / position.norm(dim=-1, keepdim=True)  # camera looks along −z_cam = forward
-    up_world = torch.tensor([0.0, 0.0, 1.0], dtype=position.dtype).expand_as(position)
+def look_at_c2w(position: Tensor, center: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+    """Camera-to-world (B, 4, 4) for cameras at `position` (B, 3) looking at `center` (default: the
+    origin) with `up` (default: world +z) pointing up in the image, as far as it is not along the view."""
+    center = torch.zeros_like(position) if center is None else center
+    up_world = torch.tensor([0.0, 0.0, 1.0], dtype=position.dtype).expand_as(position) if up is None else up
+    forward = center - position
+    forward = forward / forward.norm(dim=-1, keepdim=True)  # the camera looks along −z_cam = forward
     right = torch.linalg.cross(forward, up_world, dim=-1)
-    # straight above/below: any right vector works
+    # looking along `up` (straight above/below): take world +y made perpendicular to the view
     degenerate = right.norm(dim=-1) < 1e-6
-    right[degenerate] = torch.tensor([0.0, 1.0, 0.0], dtype=position.dtype)
+    if degenerate.any():
+        y = torch.tensor([0.0, 1.0, 0.0], dtype=position.dtype)
+        f = forward[degenerate]
+        right[degenerate] = y - (f @ y)[:, None] * f
     right = right / right.norm(dim=-1, keepdim=True)
-    up = torch.linalg.cross(right, forward, dim=-1)
+    up_cam = torch.linalg.cross(right, forward, dim=-1)
     c2w = torch.eye(4, dtype=position.dtype).repeat(len(position), 1, 1)
-    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, up, -forward, position
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, up_cam, -forward, position
     return c2w
+
+
+def wrap_azimuth(azimuth_deg: Tensor) -> Tensor:
+    """Azimuth in [−180, 180), so that −180 and 180 are one view (one cache key)."""
+    return (azimuth_deg + 180) % 360 - 180
+
+
+def orbit_position(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor) -> Tensor:
+    """(B, 3) float64 position of a camera at this elevation, azimuth and distance from the origin."""
+    e, a = torch.deg2rad(elevation_deg.double()), torch.deg2rad(azimuth_deg.double())
+    return distance.double()[:, None] * torch.stack([e.cos() * a.cos(), e.cos() * a.sin(), e.sin()], dim=-1)
 
 
 def orbit_cameras(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor,
                   width: int, height: int) -> Cameras:
     """Cameras on a sphere around the origin, looking at it."""
-    e, a = torch.deg2rad(elevation_deg.double()), torch.deg2rad(azimuth_deg.double())
-    position = distance.double()[:, None] * torch.stack([e.cos() * a.cos(), e.cos() * a.sin(), e.sin()], dim=-1)
-    azimuth = (azimuth_deg + 180) % 360 - 180  # wrap to [−180, 180)
+    azimuth = wrap_azimuth(azimuth_deg.double())
+    position = orbit_position(elevation_deg, azimuth, distance)
     return Cameras(look_at_c2w(position).float(), fovy_deg.float(), elevation_deg.float(), azimuth.float(),
                    distance.float(), width, height)
+
+
+def cameras_from_c2w(c2w: Tensor, fovy_deg: Tensor, width: int, height: int) -> Cameras:
+    """Cameras given by their matrices; elevation/azimuth/distance are those of their positions."""
+    position = c2w[:, :3, 3].double()
+    distance = position.norm(dim=-1)
+    elevation = torch.rad2deg(torch.asin((position[:, 2] / distance.clamp_min(1e-12)).clamp(-1, 1)))
+    azimuth = wrap_azimuth(torch.rad2deg(torch.atan2(position[:, 1], position[:, 0])))
+    return Cameras(c2w.float(), fovy_deg.float(), elevation.float(), azimuth.float(), distance.float(), width, height)
 
 
 def turntable(n: int, elevation_deg: float, distance: float, fovy_deg: float, width: int, height: int) -> Cameras:
@@ -99,24 +126,62 @@ def turntable(n: int, elevation_deg: float, distance: float, fovy_deg: float, wi
     return orbit_cameras(full(elevation_deg), azimuth, full(distance), full(fovy_deg), width, height)
 
 
+def _uniform(generator: torch.Generator, shape, low: float, high: float) -> Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
 
-def _uniform(generator: torch.Generator, n: int, low_high) -> Tensor:
+
+def sample_elevation(generator: torch.Generator, n: int, low_high, sphere_prob: float) -> Tensor:
+    """n elevations (degrees) in [low, high]. Per batch (threestudio uncond.py:147-172), with
+    probability `sphere_prob` sin(elevation) is uniform, so camera positions are uniform in area on
+    the sphere's band; otherwise the elevation is uniform in degrees (which favours the poles)."""
     low, high = (float(v) for v in low_high)
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+    if float(torch.rand((), generator=generator, dtype=torch.float64)) >= sphere_prob:
+        return _uniform(generator, n, low, high)
+    s_low, s_high = torch.sin(torch.deg2rad(torch.tensor([low, high], dtype=torch.float64))).tolist()
+    return torch.rad2deg(torch.asin(_uniform(generator, n, s_low, s_high)))
+
+
+def sample_azimuth(generator: torch.Generator, n: int, low_high, stratified: bool) -> Tensor:
+    """n azimuths (degrees) in [low, high]. Stratified (threestudio batch_uniform_azimuth,
+    uncond.py:176-184): the range is cut into n equal strata and view i is uniform in stratum i, so
+    a batch always covers the whole range."""
+    low, high = (float(v) for v in low_high)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if stratified:
+        u = (u + torch.arange(n, dtype=torch.float64)) / n
+    return low + (high - low) * u
 
 
 def sample_cameras(generator: torch.Generator, n: int, cfg, size: int) -> Cameras:
-    """n random training cameras from `cfg` (dsd.config.CameraConfig), drawn from the seed's own
-    generator; with cfg.quantize_deg > 0 elevation and azimuth snap to that grid."""
-    elevation = _uniform(generator, n, cfg.elevation_range)
-    azimuth = _uniform(generator, n, cfg.azimuth_range)
-    distance = _uniform(generator, n, cfg.distance_range)
-    fovy = _uniform(generator, n, cfg.fovy_range)
+    """n random training cameras from `cfg` (dsd.config.CameraConfig), drawn only from the seed's own
+    generator, as threestudio's RandomCameraIterableDataset.collate (uncond.py:143-308): an orbit
+    camera (elevation, azimuth, distance, fovy) whose position, look-at centre and up vector are
+    then perturbed. `elevation_deg`/`azimuth_deg`/`distance` keep the orbit values (threestudio
+    reports those too; view prompts use them); `c2w` is the perturbed camera.
+
+    cfg.quantize_deg > 0 snaps elevation and azimuth to that grid before the camera is built; the
+    perturbations are not quantized (see CameraConfig)."""
+    elevation = sample_elevation(generator, n, cfg.elevation_range, cfg.elevation_sphere_prob)
+    azimuth = sample_azimuth(generator, n, cfg.azimuth_range, cfg.batch_uniform_azimuth)
+    distance = _uniform(generator, n, *(float(v) for v in cfg.distance_range))
+    fovy = _uniform(generator, n, *(float(v) for v in cfg.fovy_range))
     if cfg.quantize_deg > 0:
         q = float(cfg.quantize_deg)
         elevation = (elevation / q).round() * q
         azimuth = (azimuth / q).round() * q
-    return orbit_cameras(elevation, azimuth, distance, fovy, size, size)
+    azimuth = wrap_azimuth(azimuth)
+    position = orbit_position(elevation, azimuth, distance)
+    center = torch.zeros_like(position)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).repeat(n, 1)
+    # uncond.py:220-235: position + U[−p, p]³, centre ~ N(0, σ_c²)³, up = +z + N(0, σ_u²)³
+    if cfg.camera_perturb > 0:
+        position = position + _uniform(generator, (n, 3), -cfg.camera_perturb, cfg.camera_perturb)
+    if cfg.center_perturb > 0:
+        center = center + cfg.center_perturb * torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    if cfg.up_perturb > 0:
+        up = up + cfg.up_perturb * torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    c2w = look_at_c2w(position, center, up).float()
+    return Cameras(c2w, fovy.float(), elevation.float(), azimuth.float(), distance.float(), size, size)
 
 
 def eval_cameras(cfg, n: int, size: int) -> Cameras:

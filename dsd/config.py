@@ -1,4 +1,4 @@
-"""Typed structured configs. Hydra composes conf/ on top of these, so a wrong type or an unknown
+"""Typed structured configs. Hydra composes dsd/conf/ on top of these, so a wrong type or an unknown
 key fails at start-up with the key's full name."""
 
 from __future__ import annotations
@@ -42,9 +42,17 @@ class TrainerConfig:
 class CameraConfig:
     """Random training cameras around the object (3D representations only) and evaluation views.
 
-    Ranges follow threestudio's dreamfusion configs (elevation −10..45°, distance 1.5..2, fovy
-    40..70°). `quantize_deg` > 0 snaps sampled elevation/azimuth to a grid, so a seed sees finitely
-    many view conditions and its ODE trajectories can be cached per view (see dsd.ode).
+    Sampling is threestudio's RandomCameraIterableDataset (threestudio/data/uncond.py; see
+    dsd.cameras.sample_cameras). Ranges follow threestudio's dreamfusion-sd.yaml:11-13 and DSD's
+    configs/dsd.yaml:14-16 (distance 1.5..2, fovy 40..70°, elevation −10..45°); the perturbations,
+    the sphere-uniform elevation and the stratified azimuth are uncond.py's defaults.
+
+    `quantize_deg` > 0 snaps sampled elevation/azimuth to a grid, so a seed sees finitely many view
+    conditions and its ODE trajectories can be cached per view (see dsd.ode). It does not touch the
+    perturbations: a prior that conditions on the orbit angles only (Stable Diffusion's view
+    prompts) still repeats its conditions, but the analytic prior in 3D conditions on the whole
+    camera, so with perturbations every step is a new condition there. Set the three perturbations
+    to 0 to keep its cache effective, as experiment=demo does.
     """
 
     views_per_step: int = 1  # cameras per seed per step (threestudio batch_size)
@@ -53,6 +61,11 @@ class CameraConfig:
     azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: list[float] = field(default_factory=lambda: [1.5, 2.0])
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
+    camera_perturb: float = 0.1  # position + U[−p, p]³ (threestudio uncond.py:47)
+    center_perturb: float = 0.2  # look-at centre ~ N(0, σ²)³ (uncond.py:48)
+    up_perturb: float = 0.02  # up = +z + N(0, σ²)³ (uncond.py:49)
+    elevation_sphere_prob: float = 0.5  # per batch: sin(elevation) uniform, else degrees uniform (uncond.py:147)
+    batch_uniform_azimuth: bool = True  # a batch's azimuths stratify the range (uncond.py:56)
     quantize_deg: float = 0.0
     eval_views: int = 4  # evaluation views (turntable azimuths), used for metrics and grid.png
     eval_elevation: float = 15.0
@@ -125,6 +138,29 @@ def resolve_seeds(seeds: Any) -> list[int]:
     raise bad
 
 
+def _validate_camera(cam: CameraConfig) -> None:
+    for key in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
+        lo_hi = list(getattr(cam, key))
+        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+            raise UserError(f"camera.{key}={lo_hi} must be [low, high] with low <= high.")
+    if not -90 <= cam.elevation_range[0] <= cam.elevation_range[1] <= 90:
+        raise UserError(f"camera.elevation_range={list(cam.elevation_range)} must lie within [-90, 90] degrees.")
+    if cam.distance_range[0] <= 0:
+        raise UserError(f"camera.distance_range={list(cam.distance_range)} must be positive distances.")
+    for key in ("camera_perturb", "center_perturb", "up_perturb", "quantize_deg"):
+        if getattr(cam, key) < 0:
+            raise UserError(f"camera.{key}={getattr(cam, key)} must be >= 0 (0 turns it off).")
+    if not 0 <= cam.elevation_sphere_prob <= 1:
+        raise UserError(f"camera.elevation_sphere_prob={cam.elevation_sphere_prob} must be a probability in [0, 1].")
+    if cam.views_per_step <= 0 or cam.eval_views <= 0 or cam.video_frames < 0:
+        raise UserError(
+            f"camera.views_per_step={cam.views_per_step} and camera.eval_views={cam.eval_views} must be "
+            f"positive, camera.video_frames={cam.video_frames} >= 0."
+        )
+    if cam.resolution is not None and cam.resolution < 8:
+        raise UserError(f"camera.resolution={cam.resolution} must be >= 8 (or null for the prior's size).")
+
+
 def validate(cfg: Config) -> list[int]:
     """Check values that types alone cannot; returns the resolved seed list."""
     if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
@@ -140,18 +176,7 @@ def validate(cfg: Config) -> list[int]:
     ):
         if value <= 0:
             raise UserError(f"{key}={value} must be a positive integer.")
-    cam = cfg.camera
-    for key in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
-        lo_hi = list(getattr(cam, key))
-        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
-            raise UserError(f"camera.{key}={lo_hi} must be [low, high] with low <= high.")
-    if cam.views_per_step <= 0 or cam.eval_views <= 0 or cam.video_frames < 0:
-        raise UserError(
-            f"camera.views_per_step={cam.views_per_step} and camera.eval_views={cam.eval_views} must be "
-            f"positive, camera.video_frames={cam.video_frames} >= 0."
-        )
-    if cam.resolution is not None and cam.resolution < 8:
-        raise UserError(f"camera.resolution={cam.resolution} must be >= 8 (or null for the prior's size).")
+    _validate_camera(cfg.camera)
     if cfg.trainer.lr <= 0:
         raise UserError(f"trainer.lr={cfg.trainer.lr} must be positive.")
     if cfg.trainer.checkpoint_every < 0:

@@ -10,6 +10,8 @@ from dsd.config import CameraConfig
 from dsd.outputs import make_grid
 from dsd.priors.analytic import AnalyticPrior, AnalyticPriorConfig
 from dsd.priors.base import add_noise
+from dsd.priors.shapes import reference_shapes
+from dsd.representations.gaussians import GaussiansConfig, GaussiansRepresentation
 
 
 def make_prior():
@@ -57,7 +59,9 @@ def test_3d_denoiser_is_the_exact_posterior_over_the_rows_renders():
 
 
 def test_camera_sampling_is_per_seed_deterministic_and_quantized():
-    cfg = CameraConfig(quantize_deg=15.0, distance_range=[2.0, 2.0])
+    # experiment=demo's cameras: no perturbations, so the quantized orbit is the whole camera
+    cfg = CameraConfig(quantize_deg=15.0, distance_range=[2.0, 2.0], camera_perturb=0.0, center_perturb=0.0,
+                       up_perturb=0.0)
     a = sample_cameras(torch.Generator().manual_seed(3), 5, cfg, 16)
     b = sample_cameras(torch.Generator().manual_seed(3), 5, cfg, 16)
     assert torch.equal(a.c2w, b.c2w)
@@ -65,6 +69,40 @@ def test_camera_sampling_is_per_seed_deterministic_and_quantized():
         np.testing.assert_allclose(values.numpy() / 15, np.round(values.numpy() / 15), atol=1e-4)
     assert (a.elevation_deg >= -15).all() and (a.elevation_deg <= 45).all()
     torch.testing.assert_close(a.c2w[:, :3, 3].norm(dim=-1), torch.full((5,), 2.0))
+    # the condition (and ODE cache key) of such a camera is its orbit camera's
+    prior = make_prior()
+    orbit = orbit_cameras(a.elevation_deg, a.azimuth_deg, a.distance, a.fovy_deg, 16, 16)
+    assert torch.equal(prior.condition("a cat", 5, a).view, prior.condition("a cat", 5, orbit).view)
+
+
+def gaussians_of(shape, prior) -> GaussiansRepresentation:
+    """Our gaussians representation holding exactly one reference shape's gaussians."""
+    rep = GaussiansRepresentation(GaussiansConfig(num_points=len(shape.means), backend="torch",
+                                                  background=list(prior.cfg.background)), prior)
+    with torch.no_grad():
+        rep.means.copy_(shape.means)
+        rep.quats.copy_(shape.quats)
+        rep.log_scales.copy_(shape.scales.log())
+        rep.opacity_logits.copy_(shape.opacities.logit())
+        rep.color_logits.copy_(shape.colors.clamp(1e-6, 1 - 1e-6).logit())
+    return rep
+
+
+def test_references_are_rendered_from_the_real_perturbed_camera():
+    """The analytic condition is the camera the representation renders from: a reference shape
+    put into our gaussians representation renders, from perturbed training cameras, what the
+    prior's references show; the orbit the camera was sampled around shows something else."""
+    prior = make_prior()
+    cfg = CameraConfig(camera_perturb=0.3, center_perturb=0.2, up_perturb=0.1, elevation_range=[0.0, 30.0])
+    cams = sample_cameras(torch.Generator().manual_seed(7), 3, cfg, 16)
+    k = 1
+    rep = gaussians_of(reference_shapes("a cat", 4)[k], prior)
+    with torch.no_grad():
+        ours = rep.render(cams)
+        orbit = rep.render(orbit_cameras(cams.elevation_deg, cams.azimuth_deg, cams.distance, cams.fovy_deg, 16, 16))
+    refs = prior.reference_renders("a cat", cams)[k]  # (V, 3, S, S)
+    torch.testing.assert_close(refs, ours, atol=1e-4, rtol=0)
+    assert (refs - orbit).abs().amax(dim=(1, 2, 3)).min() > 0.1
 
 
 def test_grid_has_one_row_per_seed_for_views_and_one_row_for_images():

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from dsd.cameras import orbit_cameras
-from dsd.representations.nerf import NerfConfig, NerfRepresentation
+from dsd.representations.nerf import (
+    NerfConfig,
+    NerfRepresentation,
+    convexity_loss,
+    depth_variance,
+    ramp_at,
+)
 from dsd.representations.nerf_field import camera_rays
 
-NO_ORIENT = dict(lambda_orient=0.0)  # lambda_orient_end stays 1000: 0 at the start must still skip
+NO_ORIENT = dict(lambda_orient=0.0)
 
 
 class PixelPrior:
@@ -87,7 +93,7 @@ def test_init_blob_renders_an_opaque_disc_on_the_background():
 
 
 def test_gradients_reach_every_parameter_group():
-    rep = nerf(background="mlp", lambda_orient=1.0, lambda_orient_end=1.0, lambda_opaque=0.1)
+    rep = nerf(background="mlp", lambda_orient=1.0, lambda_opaque=0.1)
     image = rep.render(cams(12, fovy=70.0))
     loss = (image - 0.3).square().mean() + sum(rep.regularizers().values())
     loss.backward()
@@ -125,18 +131,17 @@ def test_fitting_one_view_reduces_mse():
 
 
 def test_regularizers_are_finite_differentiable_and_zero_weight_skips_them():
-    rep = nerf(lambda_orient=10.0, lambda_orient_end=1000.0, lambda_orient_ramp_steps=100, lambda_sparsity=1.0,
-               lambda_opaque=0.5, lambda_z_variance=0.1)
+    rep = nerf(lambda_orient=[0, 10.0, 1000.0, 100], lambda_sparsity=1.0, lambda_opaque=0.5, lambda_z_variance=0.1,
+               lambda_convex=1.0)
     rep.render(cams(10))
     losses = rep.regularizers()
-    assert set(losses) == {"orient", "sparsity", "opaque", "z_variance"}
+    assert set(losses) == {"orient", "sparsity", "opaque", "z_variance", "convex"}
     for name, value in losses.items():
         assert value.ndim == 0 and torch.isfinite(value) and value.requires_grad, name
         (grad,) = torch.autograd.grad(value, rep.field.density_mlp.parameters().__next__(), retain_graph=True,
                                       allow_unused=True)
         assert grad is not None and torch.isfinite(grad).all(), name
-    assert rep.lambda_orient_at(0) == 10.0 and rep.lambda_orient_at(50) == pytest.approx(505.0)
-    assert rep.lambda_orient_at(10_000) == 1000.0
+    assert rep.weights_at(50)["orient"] == pytest.approx(505.0)
 
     off = nerf(lambda_sparsity=0.0, lambda_opaque=0.0, lambda_z_variance=0.0)
     image = off.render(cams(10))
@@ -145,7 +150,69 @@ def test_regularizers_are_finite_differentiable_and_zero_weight_skips_them():
     assert image.requires_grad
     with torch.no_grad():  # no autograd: normals are never computed, even with a weight
         rep.render(cams(10))
-    assert "orient" not in rep._last
+    assert "orient" not in rep._last and "normal_map" not in rep._last
+
+
+def test_weights_follow_threestudios_ramp_and_are_read_at_the_current_step():
+    # [start_step, start_value, end_value, end_step]: DSD's sparsity ramp and a delayed one
+    sparsity = [0, 0.15, 0.0, 3000]
+    assert ramp_at(sparsity, 0) == pytest.approx(0.15)
+    assert ramp_at(sparsity, 1000) == pytest.approx(0.15 * (1 - 1000 / 3000))
+    assert ramp_at(sparsity, 3000) == 0.0 and ramp_at(sparsity, 9000) == 0.0
+    delayed = [100, 2.0, 4.0, 300]
+    assert ramp_at(delayed, 0) == 2.0 and ramp_at(delayed, 100) == 2.0 and ramp_at(delayed, 350) == 4.0
+    assert ramp_at(delayed, 150) == pytest.approx(2.0 + 2.0 * 50 / 200)
+    assert ramp_at([0, 1.0, 1.0, 5000], 2500) == 1.0 and ramp_at(0.1, 123) == 0.1
+
+    rep = nerf(lambda_sparsity=[0, 0.15, 0.0, 3000], stratified=False)  # no jitter: equal renders
+    optimizer = rep.make_optimizer("adam", 0.0)
+    rep.render(cams(6))
+    at_start = rep.regularizers()["sparsity"]
+    for step in range(1500):  # the step counter the ramps read (checkpointed with the state)
+        rep.after_step(step, optimizer)
+    rep.render(cams(6))
+    torch.testing.assert_close(rep.regularizers()["sparsity"], 0.5 * at_start)
+    rep.after_step(2999, optimizer)
+    rep.render(cams(6))
+    assert "sparsity" not in rep.regularizers()  # weight 0 from step 3000 on
+
+
+def test_depth_variance_is_the_spread_of_the_normalized_weights():
+    depths = torch.tensor([1.0, 1.5, 2.0, 2.5])[None, :, None].repeat(3, 1, 1)  # (N=3, S=4, 1)
+    weights = torch.tensor([[0.0, 0.6, 0.0, 0.0],  # one surface: no spread, whatever the opacity
+                            [0.3, 0.0, 0.0, 0.3],  # two equal peaks 1.5 apart, opacity 0.6
+                            [0.0, 0.45, 0.45, 0.0]])[..., None]  # two equal peaks 0.5 apart, opacity 0.9
+    opacity = weights.sum(1)
+    variance = depth_variance(weights, depths, opacity)[:, 0]
+    # two equal point masses d apart have variance (d/2)², independent of the ray's opacity
+    torch.testing.assert_close(variance, torch.tensor([0.0, 0.75**2, 0.25**2]))
+
+
+def sphere_normal_map(res: int, mirror: bool = False) -> torch.Tensor:
+    """The encoded normal map (1, res, res, 3) of the unit sphere seen from the front camera (on +x,
+    image right = world +y, image up = +z), or of its mirror image (normals turning the other way)."""
+    v = (torch.arange(res) + 0.5) / res * 2 - 1  # pixel centres in [−1, 1]
+    z, y = torch.meshgrid(-v, v, indexing="ij")  # row 0 is the top
+    inside = (y**2 + z**2 < 1).float()
+    x = (1 - y**2 - z**2).clamp_min(0).sqrt()
+    normal = torch.stack([x, -y if mirror else y, z], dim=-1)
+    return ((normal + 1) / 2 * inside[..., None])[None]
+
+
+def test_convexity_loss_is_zero_when_flat_rewards_convex_and_penalizes_concave():
+    flat = torch.tensor([0.9, 0.3, 0.5]).expand(1, 16, 16, 3)
+    assert convexity_loss(flat, 8) == 0
+    assert convexity_loss(sphere_normal_map(32), 8) < -0.01
+    assert convexity_loss(sphere_normal_map(32, mirror=True), 8) > 0.01
+    # the definition on a random 4×4 map (no resize at res 4), pair by pair
+    gen = torch.Generator().manual_seed(0)
+    m = torch.rand(1, 4, 4, 3, generator=gen)
+    h = [float(m[0, i, j, 0] * m[0, i, j + 1, 1] - m[0, i, j, 1] * m[0, i, j + 1, 0])
+         for i in range(4) for j in range(3)]  # left × right, z component
+    v = [float(m[0, i + 1, j, 0] * m[0, i, j, 1] - m[0, i + 1, j, 1] * m[0, i, j, 0])
+         for i in range(3) for j in range(4)]  # lower × upper, z component
+    expected = -(sum(h) / len(h) + sum(v) / len(v))
+    assert float(convexity_loss(m, 4)) == pytest.approx(expected, abs=1e-6)
 
 
 def test_mesh_export_of_the_blob(tmp_path):
@@ -221,6 +288,9 @@ def test_bad_config_values_are_user_errors():
         NerfRepresentation(NerfConfig(background="sky"))
     with pytest.raises(UserError, match="resolutions"):
         NerfRepresentation(NerfConfig(resolutions=[32, 64], resolution_milestones=[]))
+    for ramp in ([0, 0.15, 0.0], [3000, 0.15, 0.0, 0], -1.0, [0, -1.0, 0.0, 10]):
+        with pytest.raises(UserError, match="lambda_sparsity"):
+            NerfRepresentation(NerfConfig(lambda_sparsity=ramp))
 
 
 def test_compose_selects_nerf(compose):
@@ -230,3 +300,33 @@ def test_compose_selects_nerf(compose):
     assert cfg.representation.name == "nerf" and cfg.representation.num_samples == 16
     rep = registry.build("representation", cfg.representation, prior=None, device="cpu")
     assert isinstance(rep, NerfRepresentation)
+
+
+def test_dsd_nerf_preset_has_the_official_dsd_numbers(compose):
+    # BillyXYB/Diverse-Score-Distillation configs/dsd.yaml:11-13 and :94-98
+    cfg = compose("experiment=dsd_nerf")
+    assert (cfg.guidance.name, cfg.prior.name, cfg.representation.name) == ("dsd", "sd21", "nerf")
+    rep = cfg.representation
+    assert rep.lambda_orient == 0.1 and rep.lambda_opaque == 0.1 and rep.lambda_z_variance == 1.0
+    assert rep.lambda_sparsity == [0, 0.15, 0.0, 3000] and rep.lambda_convex == [0, 1.0, 1.0, 5000]
+    assert rep.resolutions == [128, 512] and rep.resolution_milestones == [5000]
+    assert cfg.trainer.steps == 10000 and cfg.camera.views_per_step == 1
+    model = NerfRepresentation(NerfConfig(**{**vars(rep), "num_levels": 2, "log2_hashmap_size": 8}))
+    assert [model.resolution_at(s) for s in (0, 4999, 5000)] == [128, 128, 512]
+    weights = model.weights_at(1500)
+    assert weights == pytest.approx({"orient": 0.1, "sparsity": 0.075, "opaque": 0.1, "z_variance": 1.0,
+                                     "convex": 1.0})
+    # a ramp can be replaced by a number from the command line
+    assert compose("experiment=dsd_nerf", "representation.lambda_sparsity=0.5").representation.lambda_sparsity == 0.5
+
+
+def test_dsd_nerf_preset_runs_on_the_analytic_prior(compose, tmp_path):
+    from dsd.run import run
+
+    cfg = compose("experiment=dsd_nerf", "prior=analytic", "prior.image_size=16", "seeds=1", "trainer.steps=2",
+                  "representation.resolutions=[12]", "representation.resolution_milestones=[]",
+                  "representation.num_levels=2", "representation.log2_hashmap_size=8", "representation.num_samples=8",
+                  "representation.mesh_resolution=16", "representation.eval_resolution=12",
+                  "camera.video_frames=0", "camera.eval_views=1", "trainer.checkpoint_every=0")
+    summary = run(cfg, tmp_path)
+    assert [e["steps"] for e in summary["seeds"]] == [2]

@@ -70,19 +70,27 @@ def reference_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> lis
 
 
 def view_params(cameras) -> Tensor:
-    """(B, 4) float64 (elevation, azimuth, distance, fovy): what an orbit camera's render depends on
-    (with the image size), used as the analytic condition and as render-cache key."""
-    return torch.stack([cameras.elevation_deg, cameras.azimuth_deg, cameras.distance, cameras.fovy_deg],
-                       dim=-1).double()
+    """(B, 13) float64: the camera's c2w rows 0..2 (flattened 3×4) and fovy, i.e. all that a render
+    depends on besides the image size. Used as the analytic condition and as render-cache key, so
+    a perturbed camera is rendered as it really is, not as the orbit it was sampled around."""
+    return torch.cat([cameras.c2w[:, :3, :].flatten(1), cameras.fovy_deg[:, None]], dim=-1).double()
+
+
+def view_camera(view: Tensor, size: int):
+    """The (size × size) camera of one `view_params` row (13,)."""
+    from dsd.cameras import cameras_from_c2w
+
+    c2w = torch.eye(4, dtype=torch.float32)
+    c2w[:3] = view[:12].reshape(3, 4).float()  # float32 -> float64 -> float32 is exact
+    return cameras_from_c2w(c2w[None], view[12:13].float(), size, size)
 
 
 def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, background: Tensor) -> Tensor:
-    """Renders (S, 3, size, size) in [0, 1] of every shape from one orbit view (4,): one projection
-    of all shapes' gaussians, then each shape composited over the whole image."""
-    from dsd.cameras import orbit_cameras
+    """Renders (S, 3, size, size) in [0, 1] of every shape from one view (13,) of `view_params`: one
+    projection of all shapes' gaussians, then each shape composited over the whole image."""
     from dsd.render.gaussians import composite_tile, project_gaussians, viewmats_opencv
 
-    camera = orbit_cameras(*(view[i : i + 1] for i in range(4)), size, size)
+    camera = view_camera(view, size)
     cat = lambda name: torch.cat([getattr(s, name) for s in shapes])  # noqa: E731
     means2d, conics, depths, visible, _ = project_gaussians(
         cat("means"), cat("quats"), cat("scales"), viewmats_opencv(camera), camera.intrinsics().float(), size, size

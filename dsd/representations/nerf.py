@@ -17,11 +17,12 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.model_components.ray_samplers import PDFSampler
-from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
+from nerfstudio.model_components.renderers import AccumulationRenderer, RGBRenderer
 from torch import Tensor
 
 from dsd.cameras import Cameras, orbit_cameras
@@ -75,15 +76,17 @@ class NerfConfig(RepresentationConfig):
     lr_network: float = 0.001
     lr_background: float = 0.001
     use_trainer_lr: bool = False
-    # regularizers (threestudio dreamfusion-sd.yaml: orient ramps 10 -> 1000 over 5000 steps,
-    # sparsity 1, opaque 0; z-variance as magic3d/prolificdreamer, off by default). 0 skips the work;
-    # lambda_orient=0 turns the orientation ramp off (its normals triple the CPU cost of a step).
-    lambda_orient: float = 10.0
-    lambda_orient_end: float = 1000.0
-    lambda_orient_ramp_steps: int = 5000
-    lambda_sparsity: float = 1.0
-    lambda_opaque: float = 0.0
-    lambda_z_variance: float = 0.0
+    # Regularizer weights: a number, or threestudio's ramp [start_step, start_value, end_value,
+    # end_step] (see `ramp_at`). Defaults: threestudio dreamfusion-sd.yaml:86-88 (orient
+    # [0, 10, 1000, 5000], sparsity 1, opaque 0); z-variance (HiFA) and convexity (DSD's
+    # configs/dsd.yaml) off. A weight of 0 at a step skips its work; orient and convexity need
+    # normals, which triple the CPU cost of a step (lambda_orient=0 turns them off).
+    lambda_orient: Any = field(default_factory=lambda: [0, 10.0, 1000.0, 5000])
+    lambda_sparsity: Any = 1.0
+    lambda_opaque: Any = 0.0
+    lambda_z_variance: Any = 0.0
+    lambda_convex: Any = 0.0
+    convexity_res: int = 8  # normal map size of the convexity loss (DSD threestudio/systems/dsd.py:16)
     # evaluation camera (final_image / initialize_to without cameras)
     eval_elevation_deg: float = 15.0
     eval_distance: float = 2.0
@@ -95,9 +98,73 @@ class NerfConfig(RepresentationConfig):
     mesh_threshold: float = 1.0  # with the init blob the isosurface sits at r ≈ 0.47
 
 
+LAMBDAS = ("lambda_orient", "lambda_sparsity", "lambda_opaque", "lambda_z_variance", "lambda_convex")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_weight(value) -> bool:
+    """A weight >= 0, or a ramp [start_step, start_value, end_value, end_step] with start_step <
+    end_step and both values >= 0."""
+    if _is_number(value):
+        return value >= 0
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_is_number(v) for v in value):
+        return False
+    start_step, start_value, end_value, end_step = value
+    return start_step < end_step and start_value >= 0 and end_value >= 0
+
+
+def ramp_at(value, step: int) -> float:
+    """A weight at training `step`: a number as is, or threestudio's ramp [start_step, start_value,
+    end_value, end_step] (its `C`, threestudio/utils/misc.py:66-96 in the DSD repo): start_value up
+    to start_step, linear to end_value at end_step, end_value after."""
+    if _is_number(value):
+        return float(value)
+    start_step, start_value, end_value, end_step = (float(v) for v in value)
+    progress = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return start_value + (end_value - start_value) * progress
+
+
+def depth_variance(weights: Tensor, depths: Tensor, opacity: Tensor) -> Tensor:
+    """Per ray (N, 1): variance of the sample depths (N, S, 1) under the ray's weights (N, S, 1)
+    normalized by its opacity (N, 1), i.e. how spread out along the ray the surface is (HiFA's
+    z-variance, as threestudio's nerf_volume_renderer.py:334-349)."""
+    w = weights / opacity.clamp_min(1e-5)[:, None]
+    mean = (w * depths).sum(-2, keepdim=True)
+    return (w * (depths - mean) ** 2).sum(-2)
+
+
+def convexity_loss(normal_map: Tensor, res: int) -> Tensor:
+    """DSD's "naive convexity loss" (threestudio/systems/dsd.py:85-105 of the DSD repo) of a normal
+    map (V, H, W, 3) encoded as threestudio's comp_normal: (n̂ + 1)/2 · opacity, world-space n̂.
+    The map is resized to res × res (bilinear); for each pair of horizontal neighbours (left,
+    right) and vertical ones (lower, upper) it takes the z component of their cross product, a
+    sine of the turn between them, and returns −(mean horizontal + mean vertical): negative when
+    normals turn the way a convex surface's do, zero for a flat map. Like the original it works on
+    the encoded world normals, so it is not invariant to the camera's azimuth."""
+    small = torch.nn.functional.interpolate(normal_map.permute(0, 3, 1, 2), size=(res, res), mode="bilinear",
+                                            align_corners=False).permute(0, 2, 3, 1)
+
+    def cross_z(a: Tensor, b: Tensor) -> Tensor:
+        return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+
+    horizontal = cross_z(small[:, :, :-1], small[:, :, 1:])  # left × right
+    vertical = cross_z(small[:, 1:], small[:, :-1])  # lower × upper (row 0 is the top)
+    return -(horizontal.mean() + vertical.mean())
+
+
 def validate(cfg: NerfConfig) -> None:
     def bad(key: str, value, accepted: str) -> UserError:
         return UserError(f"representation.{key}={value!r} is not accepted; {accepted}.")
+
+    for key in LAMBDAS:
+        if not is_weight(getattr(cfg, key)):
+            raise bad(key, getattr(cfg, key), "give a weight >= 0 or a ramp [start_step, start_value, end_value, "
+                      "end_step] with start_step < end_step and weights >= 0")
+    if cfg.convexity_res < 2:
+        raise bad("convexity_res", cfg.convexity_res, "use >= 2 (pixels of the resized normal map per side)")
 
     if cfg.implementation not in ("auto", "torch", "tcnn"):
         raise bad("implementation", cfg.implementation, "use auto, torch or tcnn")
@@ -132,11 +199,11 @@ class NerfRepresentation(Representation):
             implementation=resolve_implementation(cfg.implementation, device),
         )
         self.register_buffer("background_color", torch.tensor(list(cfg.background_color), dtype=torch.float32))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the orientation ramp; resumes
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the weight ramps; resumes
         self.importance_sampler = PDFSampler(train_stratified=False, include_original=True)
-        self.depth_renderer = DepthRenderer(method="expected")
         self.generator = torch.Generator().manual_seed(cfg.sample_seed)
         self._last: dict[str, Tensor] = {}
+        self._last_shape: tuple[int, int, int] = (0, 0, 0)  # (V, H, W) of the last render
         self.to(device)
 
     # ---- schedules ----------------------------------------------------------------------
@@ -147,12 +214,9 @@ class NerfRepresentation(Representation):
             return None
         return int(self.cfg.resolutions[bisect.bisect_right(self.cfg.resolution_milestones, step)])
 
-    def lambda_orient_at(self, step: int) -> float:
-        c = self.cfg
-        if c.lambda_orient == 0:  # one knob turns the whole ramp (and the normals' cost) off
-            return 0.0
-        frac = min(step / c.lambda_orient_ramp_steps, 1.0) if c.lambda_orient_ramp_steps > 0 else 1.0
-        return c.lambda_orient + (c.lambda_orient_end - c.lambda_orient) * frac
+    def weights_at(self, step: int) -> dict[str, float]:
+        """Every regularizer's weight at `step` (names without "lambda_")."""
+        return {key.removeprefix("lambda_"): ramp_at(getattr(self.cfg, key), step) for key in LAMBDAS}
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         self.step.fill_(step + 1)
@@ -183,6 +247,7 @@ class NerfRepresentation(Representation):
         rgb = torch.cat([p[0] for p in parts])
         self._last = parts[0][1] if len(parts) == 1 else {
             key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1] if key != "orient"}
+        self._last_shape = (V, H, W)
         return rgb.reshape(V, H, W, 3).permute(0, 3, 1, 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -214,8 +279,8 @@ class NerfRepresentation(Representation):
                 samples = self.importance_sampler(bundle, samples, samples.get_weights(coarse),
                                                   num_samples=self.cfg.num_importance_samples)
 
-        lambda_orient = self.lambda_orient_at(int(self.step))
-        need_normals = lambda_orient > 0 and torch.is_grad_enabled()
+        weight = self.weights_at(int(self.step))
+        need_normals = (weight["orient"] > 0 or weight["convex"] > 0) and torch.is_grad_enabled()
         positions = samples.frustums.get_positions()  # (N, S, 3)
         if need_normals:
             positions.requires_grad_(True)
@@ -238,37 +303,45 @@ class NerfRepresentation(Representation):
         opacity = AccumulationRenderer.forward(weights)  # (N, 1)
 
         last = {"opacity": opacity}
-        if self.cfg.lambda_z_variance > 0:
-            depth = self.depth_renderer(weights, samples)  # (N, 1)
+        if weight["z_variance"] > 0:
             mid = (samples.frustums.starts + samples.frustums.ends) / 2  # (N, S, 1)
-            last["z_variance"] = (weights * (mid - depth[:, None]) ** 2).sum(-2)  # (N, 1)
+            last["z_variance"] = depth_variance(weights, mid, opacity)  # (N, 1)
         if need_normals:
-            # normals = −∇σ / |∇σ| (threestudio "analytic" normals), differentiable for the loss
+            # normals = −∇σ / |∇σ| (threestudio "analytic" normals), differentiable for the losses
             (grad,) = torch.autograd.grad(density, positions, torch.ones_like(density), create_graph=True)
             normals = -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-8)
             facing = (normals * directions[:, None]).sum(-1, keepdim=True).clamp_min(0) ** 2
             # Ref-NeRF orientation loss in threestudio's form: Σ w·max(0, n·d)² / #rays with opacity
-            last["orient"] = lambda_orient * (weights.detach() * facing).sum() / (opacity > 0).sum().clamp_min(1)
+            last["orient"] = (weights.detach() * facing).sum() / (opacity > 0).sum().clamp_min(1)
+            if weight["convex"] > 0:  # threestudio's comp_normal (nerf_volume_renderer.py:389-398)
+                normal = (weights * normals).sum(-2)
+                normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                last["normal_map"] = (normal + 1) / 2 * opacity  # (N, 3)
         return rgb, last
 
     def regularizers(self) -> dict[str, Tensor]:
-        """Weighted losses of the last render (threestudio's dreamfusion/magic3d forms); weight 0 = absent."""
-        c, last = self.cfg, self._last
+        """Weighted losses of the last render (threestudio's dreamfusion/magic3d/DSD forms) with the
+        weights of the current step; a weight of 0 = absent."""
+        last = self._last
         if not last:
             return {}
+        weight = self.weights_at(int(self.step))
         opacity = last["opacity"]
         losses = {}
-        if "orient" in last:
-            losses["orient"] = last["orient"]
-        if c.lambda_sparsity > 0:
-            losses["sparsity"] = c.lambda_sparsity * (opacity**2 + 0.01).sqrt().mean()
-        if c.lambda_opaque > 0:
+        if "orient" in last and weight["orient"] > 0:
+            losses["orient"] = weight["orient"] * last["orient"]
+        if weight["sparsity"] > 0:
+            losses["sparsity"] = weight["sparsity"] * (opacity**2 + 0.01).sqrt().mean()
+        if weight["opaque"] > 0:
             p = opacity.clamp(1e-3, 1 - 1e-3)  # binary entropy of the opacity: pushes it to 0 or 1
-            losses["opaque"] = c.lambda_opaque * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-        if c.lambda_z_variance > 0:
-            solid = opacity[:, 0] > 0.5
+            losses["opaque"] = weight["opaque"] * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+        if "z_variance" in last and weight["z_variance"] > 0:
+            solid = opacity[:, 0] > 0.5  # only where there is a surface (threestudio's mask)
             zvar = last["z_variance"][solid]
-            losses["z_variance"] = c.lambda_z_variance * (zvar.mean() if len(zvar) else opacity.sum() * 0)
+            losses["z_variance"] = weight["z_variance"] * (zvar.mean() if len(zvar) else opacity.sum() * 0)
+        if "normal_map" in last and weight["convex"] > 0:
+            normal_map = last["normal_map"].reshape(*self._last_shape, 3)
+            losses["convex"] = weight["convex"] * convexity_loss(normal_map, self.cfg.convexity_res)
         return losses
 
     # ---- the rest of the interface ------------------------------------------------------
