@@ -14,7 +14,7 @@ from dsd import registry
 from dsd.cameras import Cameras, eval_cameras, turntable
 from dsd.config import Config, resolve_device, validate
 from dsd.logging import RunLogger, console, make_progress
-from dsd.metrics.reference import nearest_reference, summarize_references
+from dsd.metrics.reference import nearest_reference, reach_threshold_db, summarize_references
 from dsd.outputs import save_grid, save_json, save_png, save_result, save_video
 from dsd.trainer import SeedState, Trainer
 
@@ -23,19 +23,37 @@ def build_prior(cfg: Config, device: torch.device):
     return registry.build("prior", cfg.prior, device=device)
 
 
-def reference_metrics(prior, prompt: str, views: torch.Tensor, cameras: Cameras | None = None) -> dict:
-    """nearest_reference / psnr_to_reference when the prior knows its data (analytic).
-    views: (H, W, 3) for 2D, or (V, H, W, 3) rendered from `cameras` for 3D."""
+def reference_set(prior, prompt: str, cameras: Cameras | None = None) -> torch.Tensor | None:
+    """The prompt's references in [0, 1] as (K, H, W, 3), or (K, V, H, W, 3) rendered from `cameras`
+    in 3D; None when the prior does not know its data (only the analytic prior does)."""
     if cameras is not None:
         if not hasattr(prior, "reference_renders"):
-            return {}
-        refs = prior.reference_renders(prompt, cameras).permute(0, 1, 3, 4, 2)  # (K, V, H, W, 3)
-    elif hasattr(prior, "references"):
-        refs = prior.references(prompt).permute(0, 2, 3, 1)  # (K, H, W, 3)
-    else:
+            return None
+        return prior.reference_renders(prompt, cameras).permute(0, 1, 3, 4, 2)
+    if hasattr(prior, "references"):
+        return prior.references(prompt).permute(0, 2, 3, 1)
+    return None
+
+
+def reference_metrics(prior, prompt: str, views: torch.Tensor, cameras: Cameras | None = None) -> dict:
+    """nearest_reference, psnr_to_reference and reached (PSNR above the reach threshold, see
+    dsd.metrics.reference) when the prior knows its data (analytic).
+    views: (H, W, 3) for 2D, or (V, H, W, 3) rendered from `cameras` for 3D."""
+    refs = reference_set(prior, prompt, cameras)
+    if refs is None:
         return {}
     k, db = nearest_reference(views, refs)
-    return {"nearest_reference": k, "psnr_to_reference": db}
+    return {"nearest_reference": k, "psnr_to_reference": db, "reached": db >= reach_threshold_db(refs)}
+
+
+def reference_summary(prior, prompt: str, entries: list[dict], cameras: Cameras | None = None) -> dict:
+    """Set-level exact metrics (distinct references reached, mean/median PSNR) for summary.json."""
+    refs = reference_set(prior, prompt, cameras)
+    if refs is None or not entries or "nearest_reference" not in entries[0]:
+        return {}
+    return summarize_references(
+        [e["nearest_reference"] for e in entries], [e["psnr_to_reference"] for e in entries], reach_threshold_db(refs)
+    )
 
 
 @torch.no_grad()
@@ -130,7 +148,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             )
 
     trainer = Trainer(prior, guidance, cfg.prompt, cfg.trainer, run_dir, make_rep, device, on_step, cfg.camera)
-    entries, images = [], []
+    entries, images, is_3d = [], [], False
     with progress:
         for first in range(0, len(seeds), cfg.trainer.seed_batch):
             batch_seeds = seeds[first : first + cfg.trainer.seed_batch]
@@ -142,10 +160,13 @@ def run(cfg: Config, run_dir: Path) -> dict:
             progress.advance(batch_task, done)
             progress.advance(total, done)
             trainer.optimize(states)
+            is_3d = states[0].representation.is_3d
             for state in states:
                 entry, views = write_seed_outputs(state, prior, cfg, run_dir / f"seed_{state.seed}")
                 entries.append(entry)
                 images.append(views)
+                reached = f", ref {entry['nearest_reference']} at {entry['psnr_to_reference']:.1f} dB" if "nearest_reference" in entry else ""
+                console.print(f"seed {state.seed}: {state.step} steps{reached}", markup=False)
             progress.remove_task(batch_task)
             logger.log_images(
                 {
@@ -171,12 +192,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "seeds": entries,
         "config": {"guidance": asdict(cfg.guidance), "trainer": asdict(cfg.trainer)},
     }
-    if entries and "nearest_reference" in entries[0]:
-        summary.update(
-            summarize_references(
-                [e["nearest_reference"] for e in entries], [e["psnr_to_reference"] for e in entries]
-            )
-        )
+    eval_cams = None
+    if is_3d:
+        eval_cams = eval_cameras(cfg.camera, cfg.camera.eval_views, cfg.camera.resolution or prior.image_shape[-1])
+    summary.update(reference_summary(prior, cfg.prompt, entries, eval_cams))
     save_json(run_dir / "summary.json", summary)
     logger.log_images({"grid": np.asarray(grid, dtype=np.float32) / 255.0})
     logger.log_summary(summary)
@@ -184,7 +203,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     console.print(f"[green]done[/green] {len(entries)} seeds in {summary['wall_s']:.1f}s -> {run_dir}")
     if "distinct_references" in summary:
         console.print(
-            f"distinct references {summary['distinct_references']}/{len(entries)}, "
-            f"mean PSNR {summary['mean_psnr_to_reference']:.2f} dB"
+            f"distinct references reached {summary['distinct_references']}/{len(entries)} "
+            f"(PSNR >= {summary['reach_threshold_db']:.1f} dB), median PSNR "
+            f"{summary['median_psnr_to_reference']:.2f} dB, mean {summary['mean_psnr_to_reference']:.2f} dB"
         )
     return summary

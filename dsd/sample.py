@@ -12,7 +12,7 @@ from dsd.config import Config, resolve_device, validate
 from dsd.logging import console
 from dsd.ode import ddim_sample
 from dsd.outputs import save_grid, save_json, save_png, save_result
-from dsd.run import build_prior, reference_metrics
+from dsd.run import build_prior, reference_metrics, reference_summary
 from dsd.seeding import seed_noise
 
 
@@ -48,6 +48,7 @@ def sample(cfg: Config, run_dir: Path) -> dict:
         "wall_s": round(time.perf_counter() - started, 3),
         "prior_rows": prior.rows_evaluated,
         "seeds": entries,
+        **reference_summary(prior, cfg.prompt, entries),
     }
     save_json(run_dir / "summary.json", summary)
     console.print(f"[green]sampled[/green] {len(seeds)} seeds -> {run_dir}")

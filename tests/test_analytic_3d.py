@@ -116,3 +116,14 @@ def test_grid_has_one_row_per_seed_for_views_and_one_row_for_images():
 def test_turntable_starts_at_the_front():
     cams = turntable(4, 0.0, 2.0, 50.0, 16, 16)
     torch.testing.assert_close(cams.azimuth_deg, torch.tensor([0.0, 90.0, -180.0, -90.0]))
+
+
+def test_reference_render_cache_is_bounded(monkeypatch):
+    import dsd.priors.analytic as analytic
+
+    monkeypatch.setattr(analytic, "RENDER_CACHE_VIEWS", 2)
+    prior = make_prior()
+    for azimuth in (0.0, 30.0, 60.0, 0.0):
+        prior.reference_renders("a cup", views([azimuth]))
+    assert len(prior._render_cache) == 2
+    assert [key[0][:3] for key in prior._render_cache][-1] == tuple(views([0.0]).c2w[0, 0, :3].double().tolist())

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from dsd.priors.analytic import AnalyticPrior, AnalyticPriorConfig
@@ -75,11 +76,47 @@ def test_classifier_free_guidance_is_one_batched_call_and_exact():
     assert not torch.allclose(eps_c, eps_u)  # the unconditional distribution really differs
 
 
-def test_references_are_deterministic_per_prompt_and_distinct():
-    a1, a2 = reference_images("a teapot", 8, 16), reference_images("A teapot ", 8, 16)
+@pytest.mark.parametrize("data", ["colourways", "separated"])
+def test_references_are_deterministic_per_prompt_and_distinct(data):
+    a1, a2 = reference_images("a teapot", 8, 16, data), reference_images("A teapot ", 8, 16, data)
     assert torch.equal(a1, a2)
-    b = reference_images("a corgi", 8, 16)
+    b = reference_images("a corgi", 8, 16, data)
     assert not torch.allclose(a1, b)
     assert a1.min() >= 0 and a1.max() <= 1
     d = torch.cdist(a1.reshape(8, -1), a1.reshape(8, -1)) + torch.eye(8) * 1e9
-    assert d.min() > 1.0  # references are far apart, so nearest-reference is unambiguous
+    assert d.min() > 0.5  # no two references coincide
+
+
+def test_default_data_decides_gradually_and_separated_data_at_t_max():
+    """The default references are not decided by the noise at t = T (so a diversity figure measures
+    the guidance, not the start): few seeds are decided at g_0 and not all at 0.7T; the old
+    `separated` data is decided by g_1 for every seed."""
+    from dsd.metrics.decision import decision_curve
+
+    seeds = list(range(32))
+    prior = AnalyticPrior(AnalyticPriorConfig())
+    grid, decided = decision_curve(prior, "a hamburger", seeds)
+    assert decided[0] <= 0.5
+    assert decided[grid.tolist().index(699)] < 1.0
+    assert decided[-1] == 1.0
+    old = AnalyticPrior(AnalyticPriorConfig(data="separated"))
+    _, decided_old = decision_curve(old, "a hamburger", seeds)
+    assert decided_old[0] >= 0.75 and decided_old[1] == 1.0
+
+
+def test_reach_threshold_makes_the_reached_reference_unambiguous():
+    from dsd.metrics.reference import nearest_reference, reach_threshold_db, summarize_references
+
+    refs = reference_images("a teapot", 8, 16).permute(0, 2, 3, 1)
+    threshold = reach_threshold_db(refs)
+    flat = refs.reshape(8, -1).double()
+    mse = torch.cdist(flat, flat).pow(2) / flat.shape[1] + torch.eye(8)
+    assert abs(threshold - max(25.0, -10 * math.log10(float(mse.min())) + 6.0206)) < 1e-3
+    # a point exactly at the threshold from its reference is still nearest to it
+    a, b = torch.unravel_index(mse.argmin(), mse.shape)
+    halfway = refs[a] + 0.5 * (refs[b] - refs[a]) * 0.99
+    k, db = nearest_reference(halfway, refs)
+    assert k == int(a) and db >= threshold - 0.1
+    summary = summarize_references([0, 1, 1, 2], [60.0, 50.0, threshold - 1, 12.0], threshold)
+    assert summary["distinct_references"] == 2 and summary["reached_seeds"] == 2
+    assert summary["median_psnr_to_reference"] == (50.0 + threshold - 1) / 2

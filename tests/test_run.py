@@ -14,7 +14,7 @@ TINY = ("prior.image_size=16", "prompt=a teapot")
 
 @pytest.mark.parametrize("steps", [5, 10, 20])
 def test_dsd_sampling_equals_ddim(compose, tmp_path, steps):
-    seeds = "seeds=[0,3,7]"
+    seeds = "seeds=[0,1,4]"
     sample(compose(*TINY, seeds, f"sampler.steps={steps}"), tmp_path / "ddim")
     run(
         compose(
@@ -22,17 +22,12 @@ def test_dsd_sampling_equals_ddim(compose, tmp_path, steps):
         ),
         tmp_path / "dsd_star",
     )
-    for seed in (0, 3, 7):
+    for seed in (0, 1, 4):
         ddim = load_result(tmp_path / "ddim" / f"seed_{seed}" / "result.npz")
         star = load_result(tmp_path / "dsd_star" / f"seed_{seed}" / "result.npz")
         assert np.abs(ddim - star).max() <= 1e-4
-    assert (
-        np.abs(
-            load_result(tmp_path / "ddim/seed_0/result.npz")
-            - load_result(tmp_path / "ddim/seed_3/result.npz")
-        ).max()
-        > 0.1
-    )
+    samples = [load_result(tmp_path / f"ddim/seed_{seed}/result.npz") for seed in (0, 1, 4)]
+    assert max(np.abs(a - b).max() for a in samples for b in samples) > 0.1  # not one image for all seeds
 
 
 def test_run_writes_the_output_contract(compose, tmp_path):
@@ -51,8 +46,9 @@ def test_run_writes_the_output_contract(compose, tmp_path):
         assert (tmp_path / f"seed_{entry['seed']}" / "final.png").stat().st_size > 0
         assert (tmp_path / f"seed_{entry['seed']}" / "checkpoint.pt").exists()
     assert (tmp_path / "grid.png").stat().st_size > 0
-    # DSD: 2 points per seed in one call (+1 unconditional row for the CFG-7.5 point) + ODE work
-    assert 3.0 <= on_disk["prior_rows_per_step"] < 6.0
+    # DSD: 2 points per seed in one call (+1 unconditional row for the CFG-7.5 point), ε_ode
+    # evaluated exactly at t+δ (+1 conditional, +1 unconditional row) and the cached ODE work
+    assert 5.0 <= on_disk["prior_rows_per_step"] < 8.0
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -96,16 +92,23 @@ def test_interrupted_run_resumes_to_the_same_result(compose, tmp_path, interrupt
         )
 
 
-def test_dsd_follows_each_seeds_ode_and_is_more_diverse_than_sds(compose, tmp_path):
-    """Exact measurement on the analytic prior (deterministic on CPU): DSD started at the seed's
-    x0(g_0) lands on its DDIM sample's reference; SDS collapses onto fewer references."""
+def test_dsd_follows_each_seeds_ode_beyond_its_controls(compose, tmp_path):
+    """Exact measurement on the analytic prior (deterministic on CPU), same seeds for every row:
+    DSD lands on its seed's DDIM reference far more often than the ASD-like control (the same
+    method with fresh noise each step instead of the seed's ODE), reaches more references than SDS,
+    and converges (median PSNR above the reach threshold). The default data decides gradually along
+    the ODE, so the agreement is the guidance's doing, not the start point's."""
     common = ("prompt=a hamburger", "seeds=8")
     ddim = [e["nearest_reference"] for e in sample(compose(*common), tmp_path / "ddim")["seeds"]]
-    dsd = run(compose(*common, "trainer.steps=300", "guidance.init=ode_x0"), tmp_path / "dsd")
+    dsd = run(compose(*common, "trainer.steps=300"), tmp_path / "dsd")
+    asd_like = run(compose(*common, "trainer.steps=300", "guidance.ode=random"), tmp_path / "asd")
     sds = run(compose(*common, "trainer.steps=300", "guidance=sds"), tmp_path / "sds")
-    dsd_refs = [e["nearest_reference"] for e in dsd["seeds"]]
-    agreement = sum(a == b for a, b in zip(dsd_refs, ddim)) / 8
-    assert agreement >= 0.75
-    assert dsd["distinct_references"] >= 3
-    assert dsd["distinct_references"] > sds["distinct_references"]
-    assert dsd["mean_psnr_to_reference"] > 30 > sds["mean_psnr_to_reference"]
+
+    def agreement(summary):
+        return sum(e["nearest_reference"] == d for e, d in zip(summary["seeds"], ddim)) / len(ddim)
+
+    assert agreement(dsd) >= 0.75
+    assert agreement(asd_like) <= 0.5
+    assert dsd["distinct_references"] >= 3 > sds["distinct_references"]
+    assert dsd["reached_seeds"] == 8
+    assert dsd["median_psnr_to_reference"] > dsd["reach_threshold_db"] > sds["median_psnr_to_reference"]

@@ -13,6 +13,7 @@ denoiser of "a render of one of the K shapes from this view".
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,10 +23,11 @@ from torch import Tensor
 from dsd.config import PriorConfig
 from dsd.errors import UserError
 from dsd.priors.base import Condition, Prior, eps_from_x0, resize_pixels, scaled_linear_alphas_cumprod
-from dsd.priors.procedural import reference_images
+from dsd.priors.procedural import DATA_SETS, reference_images
 from dsd.priors.shapes import reference_shapes, render_shapes, view_params
 from dsd.registry import register
 
+RENDER_CACHE_VIEWS = 256  # views whose reference renders are kept (the demo's 15° grid has 72)
 DEFAULT_POOL = [
     "a hamburger",
     "a red apple",
@@ -42,6 +44,7 @@ DEFAULT_POOL = [
 class AnalyticPriorConfig(PriorConfig):
     name: str = "analytic"
     mode: str = "text"  # text: one view, SD-like
+    data: str = "colourways"  # 2D references: colourways (decide gradually) | separated (decided at t = T)
     num_references: int = 8  # K references per prompt
     image_size: int = 32
     pool: list[str] = field(default_factory=lambda: list(DEFAULT_POOL))
@@ -54,7 +57,7 @@ class AnalyticPriorConfig(PriorConfig):
 @dataclass
 class AnalyticCondition(Condition):
     prompt_index: Tensor  # (B,) index into AnalyticPrior.prompts
-    view: Optional[Tensor] = None  # (B, 4) orbit view (elevation, azimuth, distance, fovy); None: 2D
+    view: Optional[Tensor] = None  # (B, 13) camera (3x4 c2w + fovy, shapes.view_params); None: 2D
 
 
 @register("prior", "analytic", AnalyticPriorConfig)
@@ -67,6 +70,8 @@ class AnalyticPrior(Prior):
             raise UserError(
                 f"prior.mode={cfg.mode!r} is not available yet for the analytic prior; accepted: text."
             )
+        if cfg.data not in DATA_SETS:
+            raise UserError(f"prior.data={cfg.data!r} is not accepted; use one of: {', '.join(DATA_SETS)}.")
         if cfg.num_references < 1 or cfg.image_size < 4:
             raise UserError(
                 f"prior.num_references={cfg.num_references} and prior.image_size={cfg.image_size} "
@@ -79,7 +84,9 @@ class AnalyticPrior(Prior):
         )
         self.prompts: list[str] = []
         self._shapes: list = []  # per prompt: K GaussianShape (3D references)
-        self._render_cache: dict[tuple, Tensor] = {}  # (view, #prompts) -> (P·K, D) prior space
+        # (view, #prompts) -> (P·K, D) prior space, least recently used dropped first: with
+        # continuous cameras every step is a new view (~1.8 MB each at 32 px)
+        self._render_cache: OrderedDict[tuple, Tensor] = OrderedDict()
         self._refs = torch.zeros(0, cfg.num_references, 3 * cfg.image_size**2, dtype=torch.float64)
         for prompt in cfg.pool:
             self._index_of(prompt)
@@ -91,7 +98,7 @@ class AnalyticPrior(Prior):
     def _index_of(self, prompt: str) -> int:
         key = prompt.strip().lower()
         if key not in self.prompts:
-            images = reference_images(key, self.cfg.num_references, self.cfg.image_size)
+            images = reference_images(key, self.cfg.num_references, self.cfg.image_size, self.cfg.data)
             flat = self.encode(images.double()).reshape(1, self.cfg.num_references, -1)
             self._refs = torch.cat([self._refs, flat.to(self._refs)])
             self.prompts.append(key)
@@ -103,12 +110,16 @@ class AnalyticPrior(Prior):
         return super().encode(resize_pixels(images, self.sample_shape[1:]))
 
     def _view_references(self, view: Tensor) -> Tensor:
-        """Prior-space renders (P·K, D) of every prompt's shapes from one view (4,), cached."""
+        """Prior-space renders (P·K, D) of every prompt's shapes from one view (13,), cached (LRU)."""
         key = (tuple(view.tolist()), len(self.prompts))
-        if key not in self._render_cache:
+        if key in self._render_cache:
+            self._render_cache.move_to_end(key)
+        else:
             background = torch.tensor(self.cfg.background, dtype=torch.float32)
             renders = [render_shapes(shapes, view, self.cfg.image_size, background) for shapes in self._shapes]
             self._render_cache[key] = self.encode(torch.cat(renders)).double().reshape(len(self.prompts) * self.cfg.num_references, -1)
+            while len(self._render_cache) > RENDER_CACHE_VIEWS:
+                self._render_cache.popitem(last=False)
         return self._render_cache[key]
 
     def reference_renders(self, prompt: str, cameras) -> Tensor:

@@ -1,8 +1,17 @@
 """Procedural reference images for the analytic prior: deterministic from the prompt text.
 
-Each prompt gets K small images of coloured primitives (disc, square, triangle, ring) on a light
-background. Hues are spread over the K references so every reference is far from the others and
-"which reference did a seed reach" is unambiguous.
+Two data sets (`prior.data`):
+
+- `colourways` (default): one scene per prompt (a background gradient, a main object, a shared
+  detail) in K colourways of the main object: hues evenly around the colour wheel at a moderate
+  saturation. The K references differ only in a coarse, low-dimensional attribute (the object's
+  colour: its RGB values lie on a closed curve in a 2-D plane), the way real images of one prompt
+  differ in coarse content. Along the diffusion ODE such a mixture decides *gradually* (measured by
+  `benchmarks/decision_time.py`, docs/benchmarks.md): a seed's reference is not fixed by its noise
+  at t = T, so a guidance method has to follow the ODE to reach it.
+- `separated`: K unrelated compositions of primitives with hues spread over the wheel. Far apart
+  in every pixel, so the exact denoiser tells them apart from the noise alone at t = T: every
+  seed's reference is decided before any guidance acts (kept to reproduce earlier figures).
 """
 
 from __future__ import annotations
@@ -46,8 +55,8 @@ def _shape_mask(kind: int, xx: Tensor, yy: Tensor, cx: float, cy: float, r: floa
     return torch.sigmoid(dist / edge)
 
 
-def reference_images(prompt: str, num: int, size: int) -> Tensor:
-    """(num, 3, size, size) images in [0, 1], a deterministic function of (prompt, num, size)."""
+def separated_images(prompt: str, num: int, size: int) -> Tensor:
+    """`separated` data: (num, 3, size, size) in [0, 1], a deterministic function of (prompt, num, size)."""
     gen = torch.Generator().manual_seed(text_seed(prompt))
     coords = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
@@ -72,3 +81,45 @@ def reference_images(prompt: str, num: int, size: int) -> Tensor:
             img = img * (1 - mask) + color.reshape(3, 1, 1) * mask
         images.append(img)
     return torch.stack(images).float().clamp(0, 1)
+
+
+COLOURWAY_SATURATION = 0.4  # object colour: moderate saturation keeps the K colourways close enough
+COLOURWAY_VALUE = 0.8  # to decide late along the ODE, yet distinct to the eye (docs/benchmarks.md)
+
+
+def colourway_images(prompt: str, num: int, size: int) -> Tensor:
+    """`colourways` data: (num, 3, size, size) in [0, 1]; one scene per prompt, reference k has its
+    main object at hue base + k/num (turns). A deterministic function of (prompt, num, size)."""
+    gen = torch.Generator().manual_seed(text_seed(f"colourways:{prompt}"))
+    u = lambda lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64).item()  # noqa: E731
+    coords = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    edge = 2.0 / size  # soft edges: the content is coarse
+    scalar = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+    # The scene, shared by the K references: background gradient, the object's geometry, a detail.
+    base_hue, background_hue = u(), u()
+    top = hsv_to_rgb(scalar(background_hue), scalar(u(0.1, 0.3)), scalar(u(0.85, 1.0)))
+    bottom = hsv_to_rgb(scalar((background_hue + u(-0.1, 0.1)) % 1.0), scalar(u(0.3, 0.6)), scalar(u(0.45, 0.7)))
+    blend = ((yy + 1) / 2)[None]
+    scene = top.reshape(3, 1, 1) * (1 - blend) + bottom.reshape(3, 1, 1) * blend
+    kind, angle = int(u(0, 4)), u(0, 2 * math.pi)
+    cx, cy, radius = u(-0.2, 0.2), u(-0.2, 0.2), u(0.4, 0.55)
+    detail = _shape_mask(int(u(0, 4)), xx, yy, u(-0.7, 0.7), u(-0.7, 0.7), u(0.12, 0.2), u(0, 2 * math.pi), edge)
+    detail_colour = hsv_to_rgb(scalar(u()), scalar(u(0.2, 0.5)), scalar(u(0.3, 0.6)))
+    scene = scene * (1 - detail) + detail_colour.reshape(3, 1, 1) * detail
+    obj = _shape_mask(kind, xx, yy, cx, cy, radius, angle, edge)
+
+    images = []
+    for k in range(num):
+        colour = hsv_to_rgb(scalar((base_hue + k / num) % 1.0), scalar(COLOURWAY_SATURATION), scalar(COLOURWAY_VALUE))
+        images.append(scene * (1 - obj) + colour.reshape(3, 1, 1) * obj)
+    return torch.stack(images).float().clamp(0, 1)
+
+
+DATA_SETS = {"colourways": colourway_images, "separated": separated_images}
+
+
+def reference_images(prompt: str, num: int, size: int, data: str = "colourways") -> Tensor:
+    """The K references of `prompt` from the named data set, (num, 3, size, size) in [0, 1]."""
+    return DATA_SETS[data](prompt.strip().lower(), num, size)
