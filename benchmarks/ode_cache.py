@@ -1,6 +1,7 @@
 """Cost of DSD with and without the ODE trajectory cache, measured side by side.
 
-Both variants run the same DSD config (analytic prior) in alternation, `--repeats` times each;
+Both variants run the same DSD config (analytic prior) in alternation, `--repeats` times each,
+for both ways of taking ε_ode (`ode_target=exact`, the default and the official code's; `grid`);
 prints prior rows per optimization step (exact) and median wall seconds (noisy machines: read the
 ratio). `ode_cache=false` re-simulates the seed's ODE every step, as the official code does.
 
@@ -36,26 +37,26 @@ def main() -> None:
         "device=cpu",
         "guidance=dsd",
     ]
-    results: dict[bool, list[dict]] = {True: [], False: []}
+    variants = [(target, cache) for target in ("exact", "grid") for cache in (True, False)]
+    results: dict[tuple, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for cache in (True, False):
-                out = Path(tmp) / f"{cache}_{repeat}"
-                results[cache].append(
-                    run(compose_config([*common, f"guidance.ode_cache={str(cache).lower()}"]), out)
-                )
-    rows = {c: statistics.mean(s["prior_rows_per_step"] for s in results[c]) for c in results}
-    wall = {c: statistics.median(s["wall_s"] for s in results[c]) for c in results}
+            for target, cache in variants:
+                out = Path(tmp) / f"{target}_{cache}_{repeat}"
+                overrides = [*common, f"guidance.ode_target={target}", f"guidance.ode_cache={str(cache).lower()}"]
+                results[(target, cache)].append(run(compose_config(overrides), out))
+    rows = {v: statistics.mean(s["prior_rows_per_step"] for s in results[v]) for v in variants}
+    wall = {v: statistics.median(s["wall_s"] for s in results[v]) for v in variants}
     print(
         f"\nDSD, analytic prior {args.image_size}px, {args.seeds} seeds x {args.steps} steps, {args.repeats} repeats\n"
     )
-    print("| ode_cache | prior rows / step | median wall s |")
-    print("|---|---|---|")
-    for cache in (True, False):
-        print(f"| {str(cache).lower()} | {rows[cache]:.2f} | {wall[cache]:.2f} |")
-    print(
-        f"\nrows ratio (false/true): {rows[False] / rows[True]:.2f}, wall ratio: {wall[False] / wall[True]:.2f}"
-    )
+    print("| ode_target | ode_cache | prior rows / step | median wall s |")
+    print("|---|---|---|---|")
+    for target, cache in variants:
+        print(f"| {target} | {str(cache).lower()} | {rows[(target, cache)]:.2f} | {wall[(target, cache)]:.2f} |")
+    for target in ("exact", "grid"):
+        on, off = (target, True), (target, False)
+        print(f"\n{target}: rows ratio (cache off/on) {rows[off] / rows[on]:.2f}, wall ratio {wall[off] / wall[on]:.2f}")
 
 
 if __name__ == "__main__":
