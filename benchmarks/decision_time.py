@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=7.5, help="the ODE's CFG scale")
     parser.add_argument("--data", nargs="*", default=list(DATA_SETS))
     parser.add_argument("--prompts", nargs="*", default=DEFAULT_POOL)
+    parser.add_argument("--views", type=int, default=4, help="3D: evaluation views of the first prompt (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small tensors: one thread is faster on a busy 2-core machine
     seeds = list(range(args.seeds))
@@ -53,6 +54,25 @@ def main() -> None:
         undecided = all(float(c[j]) < 1 for c in curves.values() for j in above)
         print(f"\ntarget: every prompt <= 0.5 at g0 (worst {worst_g0:.2f}) and < 1 at every g_j > 0.6T: "
               f"{'met' if worst_g0 <= 0.5 and undecided else 'NOT met'}")
+        if args.views:
+            print_3d(prior, args.prompts[0], seeds, args.views, args.steps, args.cfg)
+
+
+def print_3d(prior, prompt: str, seeds: list[int], views: int, steps: int, cfg: float) -> None:
+    """The same per evaluation view of the 3D prior (the references rendered from that camera)."""
+    from dsd.cameras import eval_cameras
+    from dsd.config import CameraConfig
+
+    cameras = eval_cameras(CameraConfig(), views, prior.cfg.image_size)
+    print(f"\n3D, prompt {prompt!r}, per evaluation view (elevation {CameraConfig().eval_elevation}°):\n")
+    curves = []
+    for view in range(views):
+        grid, curve = decision_curve(prior, prompt, seeds, steps, cfg, camera=cameras.rows([view]))
+        curves.append(curve)
+    print("| azimuth | " + " | ".join(f"g{j}={int(t)}" for j, t in enumerate(grid.tolist())) + " |")
+    print("|---|" + "---|" * len(grid))
+    for azimuth, curve in zip(cameras.azimuth_deg.tolist(), curves):
+        print(f"| {azimuth:.0f}° | " + " | ".join(f"{v:.2f}" for v in curve.tolist()) + " |")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,20 @@ from dsd.ode import OdeTrajectories
 from dsd.seeding import seed_noise
 
 
-def decision_curve(prior, prompt: str, seeds: list[int], steps: int = 10, cfg_scale: float = 7.5) -> tuple[Tensor, Tensor]:
-    """(grid timesteps (n+1,), decided fraction at each grid point (n+1,)) for `seeds`."""
+def decision_curve(
+    prior, prompt: str, seeds: list[int], steps: int = 10, cfg_scale: float = 7.5, camera=None
+) -> tuple[Tensor, Tensor]:
+    """(grid timesteps (n+1,), decided fraction at each grid point (n+1,)) for `seeds`; in 3D
+    (`camera`: one view, dsd.cameras.Cameras) the ODE and references are those of that view."""
     eps_star = torch.stack([seed_noise(seed, prior.sample_shape) for seed in seeds])
-    cond = prior.condition(prompt, batch=len(seeds))
+    if camera is None:
+        cond = prior.condition(prompt, batch=len(seeds))
+        images = prior.references(prompt)
+    else:
+        cond = prior.condition(prompt, batch=len(seeds), cameras=camera.rows([0] * len(seeds)))
+        images = prior.reference_renders(prompt, camera.rows([0]))[:, 0]
     ode = OdeTrajectories(prior, steps, cfg_scale)
-    refs = prior.encode(prior.references(prompt).double()).reshape(prior.cfg.num_references, -1)
+    refs = prior.encode(images.double()).reshape(prior.cfg.num_references, -1)
     keys = list(range(len(seeds)))
     nearest = []
     for j in range(steps + 1):

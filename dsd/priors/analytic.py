@@ -44,7 +44,7 @@ DEFAULT_POOL = [
 class AnalyticPriorConfig(PriorConfig):
     name: str = "analytic"
     mode: str = "text"  # text: one view, SD-like
-    data: str = "colourways"  # 2D references: colourways (decide gradually) | separated (decided at t = T)
+    data: str = "colourways"  # references (2D images, 3D shapes): colourways (decide gradually) | separated
     num_references: int = 8  # K references per prompt
     image_size: int = 32
     pool: list[str] = field(default_factory=lambda: list(DEFAULT_POOL))
@@ -102,7 +102,7 @@ class AnalyticPrior(Prior):
             flat = self.encode(images.double()).reshape(1, self.cfg.num_references, -1)
             self._refs = torch.cat([self._refs, flat.to(self._refs)])
             self.prompts.append(key)
-            self._shapes.append(reference_shapes(key, self.cfg.num_references))
+            self._shapes.append(reference_shapes(key, self.cfg.num_references, self.cfg.data))
         return self.prompts.index(key)
 
     def encode(self, images: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Procedural reference 3D shapes for the analytic prior in 3D: deterministic from the prompt text.
 
-Each prompt gets K small objects built from coloured 3D Gaussian blobs (a body blob at the centre
-plus a few attached parts). Hues are spread over the K shapes, as for the 2D references, so the
-renders of different shapes are far apart and "which shape did a seed reach" is unambiguous from
-any view.
+Objects are built from coloured 3D Gaussian blobs (a body blob at the centre plus a few attached
+parts). As in 2D (dsd.priors.procedural) there are two data sets: `colourways` (default), one
+object per prompt in K colourways of its body, and `separated`, K unrelated objects that are far
+apart from every view.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dsd.priors.procedural import hsv_to_rgb, text_seed
+from dsd.priors.procedural import COLOURWAY_SATURATION, COLOURWAY_VALUE, hsv_to_rgb, text_seed
 
 
 @dataclass
@@ -35,8 +35,33 @@ def _ellipsoid_fill(center: Tensor, radii: Tensor, rotation: Tensor, count: int,
     return points, scale
 
 
-def reference_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> list[GaussianShape]:
-    """K shapes, a deterministic function of (prompt, num); every shape fits in a ball of ~0.8."""
+def _random_part(gen, u, body: bool, count: int) -> tuple[Tensor, Tensor]:
+    """One part of a shape: the body at the centre or a smaller part attached to it, filled with
+    `count` gaussians. Returns means (count, 3) and scales (count, 3)."""
+    if body:
+        center, radii = torch.zeros(3, dtype=torch.float64), u(0.25, 0.4, (3,))
+    else:
+        direction = torch.nn.functional.normalize(torch.randn(3, generator=gen, dtype=torch.float64), dim=0)
+        center, radii = direction * u(0.3, 0.45), u(0.1, 0.2, (3,))
+    q = torch.nn.functional.normalize(torch.randn(4, generator=gen, dtype=torch.float64), dim=0)
+    w, x, y, z = q.tolist()  # rotation matrix of the unit quaternion (w, x, y, z)
+    rotation = torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                             [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                             [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]],
+                            dtype=torch.float64)
+    return _ellipsoid_fill(center, radii, rotation, count, gen)
+
+
+def _shape(means: list[Tensor], scales: list[Tensor], colors: list[Tensor]) -> GaussianShape:
+    n = sum(len(m) for m in means)
+    identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).clone()
+    return GaussianShape(torch.cat(means).float(), identity, torch.cat(scales).float(), torch.full((n,), 0.9),
+                         torch.cat(colors).float())
+
+
+def separated_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> list[GaussianShape]:
+    """`separated` data: K unrelated shapes with hues spread over the wheel, far apart from every
+    view; a deterministic function of (prompt, num); every shape fits in a ball of ~0.8."""
     gen = torch.Generator().manual_seed(text_seed(f"shape3d:{prompt}"))
     u = lambda lo=0.0, hi=1.0, n=(): lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
     base_hue = float(u())
@@ -46,27 +71,40 @@ def reference_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> lis
         parts = 2 + int(u(0, 3))  # a body and 1..3 attached parts
         means, scales, colors = [], [], []
         for part in range(parts):
-            if part == 0:
-                center, radii = torch.zeros(3, dtype=torch.float64), u(0.25, 0.4, (3,))
-            else:
-                direction = torch.nn.functional.normalize(torch.randn(3, generator=gen, dtype=torch.float64), dim=0)
-                center, radii = direction * u(0.3, 0.45), u(0.1, 0.2, (3,))
-            q = torch.nn.functional.normalize(torch.randn(4, generator=gen, dtype=torch.float64), dim=0)
-            w, x, y, z = q.tolist()  # rotation matrix of the unit quaternion (w, x, y, z)
-            rotation = torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]],
-                                    dtype=torch.float64)
-            points, scale = _ellipsoid_fill(center, radii, rotation, gaussians_per_part, gen)
+            points, scale = _random_part(gen, u, part == 0, gaussians_per_part)
             color = hsv_to_rgb(torch.tensor((hue + float(u(-0.12, 0.12))) % 1.0), u(0.6, 1.0), u(0.35, 0.95))
             means.append(points)
             scales.append(scale)
             colors.append(color.expand(gaussians_per_part, 3))
-        n = parts * gaussians_per_part
-        identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).clone()
-        shapes.append(GaussianShape(torch.cat(means).float(), identity, torch.cat(scales).float(),
-                                    torch.full((n,), 0.9), torch.cat(colors).float()))
+        shapes.append(_shape(means, scales, colors))
     return shapes
+
+
+def colourway_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> list[GaussianShape]:
+    """`colourways` data: one shape per prompt (a body and 1..3 parts) in K colourways of its body
+    (hues evenly around the wheel, as the 2D colourways), the parts' colours shared: the K
+    references differ in one coarse attribute, from every view."""
+    gen = torch.Generator().manual_seed(text_seed(f"colourways3d:{prompt}"))
+    u = lambda lo=0.0, hi=1.0, n=(): lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    base_hue = float(u())
+    parts = [_random_part(gen, u, part == 0, gaussians_per_part) for part in range(2 + int(u(0, 3)))]
+    part_colors = [hsv_to_rgb(u(), u(0.3, 0.6), u(0.35, 0.7)).expand(gaussians_per_part, 3) for _ in parts[1:]]
+    shapes = []
+    for k in range(num):
+        body = hsv_to_rgb(torch.tensor((base_hue + k / num) % 1.0, dtype=torch.float64),
+                          torch.tensor(COLOURWAY_SATURATION, dtype=torch.float64),
+                          torch.tensor(COLOURWAY_VALUE, dtype=torch.float64))
+        colors = [body.expand(gaussians_per_part, 3), *part_colors]
+        shapes.append(_shape([m for m, _ in parts], [sc for _, sc in parts], colors))
+    return shapes
+
+
+SHAPE_SETS = {"colourways": colourway_shapes, "separated": separated_shapes}
+
+
+def reference_shapes(prompt: str, num: int, data: str = "colourways") -> list[GaussianShape]:
+    """The K reference shapes of `prompt` from the named data set (`prior.data`)."""
+    return SHAPE_SETS[data](prompt.strip().lower(), num)
 
 
 def view_params(cameras) -> Tensor:
