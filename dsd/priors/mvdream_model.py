@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from dsd.errors import UserError
+from dsd.priors import ldm_unet_keys as ldm_keys
+from dsd.priors.ldm_unet_keys import key_listing, renamed
 
 CAMERA_DIM = 16  # a flattened 4×4 camera-to-world matrix
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -142,74 +144,18 @@ def mvdream_camera(c2w: Tensor) -> Tensor:
 
 
 # --- checkpoint conversion: MVDream's ldm key layout -> diffusers -------------------------------
-# Read in threestudio scripts/convert_zero123_to_diffusers.py convert_ldm_unet_checkpoint and
-# design/PRIORS.md ("Mapping ldm UNet keys to diffusers"); transformer internals keep their names.
-RESBLOCK_PARTS = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "skip_connection": "conv_shortcut",
-}
+# The shared ldm layout (dsd/priors/ldm_unet_keys.py) plus MVDream's camera MLP.
+CAMERA_EMBED_NAMES = {"class_embedding.linear_1": "camera_embed.0", "class_embedding.linear_2": "camera_embed.2"}
 
 
-def ldm_module_table(config: MVDreamUNetConfig) -> dict[str, tuple[str, bool]]:
-    """ldm module path -> (diffusers module path, is a ResBlock) for every module with weights
-    outside the transformers' insides, for this config's levels and blocks per level."""
-    levels, per = config.num_levels(), config.layers_per_block
-    table: dict[str, tuple[str, bool]] = {
-        "time_embed.0": ("time_embedding.linear_1", False),
-        "time_embed.2": ("time_embedding.linear_2", False),
-        "camera_embed.0": ("class_embedding.linear_1", False),
-        "camera_embed.2": ("class_embedding.linear_2", False),
-        "input_blocks.0.0": ("conv_in", False),
-        "out.0": ("conv_norm_out", False),
-        "out.2": ("conv_out", False),
-        "middle_block.0": ("mid_block.resnets.0", True),
-        "middle_block.1": ("mid_block.attentions.0", False),
-        "middle_block.2": ("mid_block.resnets.1", True),
-    }
-    # input_blocks: index 0 is conv_in, then per level `per` (ResBlock[, transformer]) and, except
-    # at the deepest level, one downsampler
-    for b in range(levels):
-        for j in range(per):
-            i = 1 + b * (per + 1) + j
-            table[f"input_blocks.{i}.0"] = (f"down_blocks.{b}.resnets.{j}", True)
-            if config.has_attention(b):
-                table[f"input_blocks.{i}.1"] = (f"down_blocks.{b}.attentions.{j}", False)
-        if b < levels - 1:
-            table[f"input_blocks.{(b + 1) * (per + 1)}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", False)
-    # output_blocks: per up block (deepest first) per+1 of (ResBlock[, transformer][, upsampler])
-    for b in range(levels):
-        attention = config.has_attention(levels - 1 - b)
-        for j in range(per + 1):
-            i = b * (per + 1) + j
-            table[f"output_blocks.{i}.0"] = (f"up_blocks.{b}.resnets.{j}", True)
-            if attention:
-                table[f"output_blocks.{i}.1"] = (f"up_blocks.{b}.attentions.{j}", False)
-            if j == per and b < levels - 1:
-                slot = 2 if attention else 1
-                table[f"output_blocks.{i}.{slot}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", False)
-    return table
-
-
-def ldm_to_diffusers_key(key: str, table: Mapping[str, tuple[str, bool]]) -> str | None:
-    """The diffusers name of one ldm UNet key (prefix already removed), or None if it has none."""
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):  # longest module path first
-        module = ".".join(parts[:cut])
-        if module not in table:
-            continue
-        target, is_resblock = table[module]
-        rest = ".".join(parts[cut:])
-        if is_resblock:
-            for old, new in RESBLOCK_PARTS.items():
-                if rest.startswith(old + "."):
-                    return f"{target}.{new}{rest[len(old):]}"
-            return None
-        return f"{target}.{rest}"
-    return None
+def ldm_unet_name(key: str, config: MVDreamUNetConfig) -> str:
+    """The ldm name (prefix removed) of the diffusers UNet parameter `key`; KeyError outside the layout."""
+    camera = renamed(key, CAMERA_EMBED_NAMES)
+    if camera is not None:
+        return camera
+    levels = config.num_levels()
+    attention = [b for b in range(levels) if config.has_attention(b)]
+    return ldm_keys.ldm_unet_name(key, levels, config.layers_per_block, attention)
 
 
 def unet_part(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -228,58 +174,28 @@ def expected_unet_shapes(config: MVDreamUNetConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in unet.state_dict().items()}
 
 
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def convert_mvdream_checkpoint(state_dict: Mapping[str, Tensor],
                                config: MVDreamUNetConfig | None = None) -> dict[str, Tensor]:
     """MVDream's original (ldm) UNet weights -> a state dict for `build_mvdream_unet(config)`.
     A layout that does not match (missing, unexpected or wrongly shaped keys) is a UserError."""
     config = config or MVDreamUNetConfig()
-    table = ldm_module_table(config)
     expected = expected_unet_shapes(config)
-    converted, unexpected = {}, []
-    for key, value in unet_part(state_dict).items():
-        name = ldm_to_diffusers_key(key, table)
-        if name is None or name not in expected:
-            unexpected.append(key)
-        else:
-            converted[name] = value
-    # report missing keys by their ldm names, as the user's file spells them
-    inverse = {ldm_to_diffusers_key(k, table): k for k in _ldm_names_of(expected, table)}
-    missing = [inverse.get(name, name) for name in expected if name not in converted]
+    diffusers_of = {ldm_unet_name(name, config): name for name in expected}
+    given = unet_part(state_dict)
+    converted = {diffusers_of[key]: value for key, value in given.items() if key in diffusers_of}
+    unexpected = [key for key in given if key not in diffusers_of]
+    missing = [key for key in diffusers_of if key not in given]  # by their ldm names, as the file spells them
     wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k])})" for k, v in converted.items()
              if v.shape != expected[k]]
     if missing or unexpected or wrong:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing UNet keys: {_listing(missing)}")
+            problems.append(f"{len(missing)} missing UNet keys: {key_listing(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected UNet keys: {_listing(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected UNet keys: {key_listing(unexpected)}")
         if wrong:
-            problems.append(f"{len(wrong)} keys of the wrong shape: {_listing(wrong)}")
+            problems.append(f"{len(wrong)} keys of the wrong shape: {key_listing(wrong)}")
         raise UserError("the checkpoint is not an MVDream UNet of this shape (model.diffusion_model.* keys "
                         "of sd-v2.1-base-4view.pt, or the same keys without that prefix): "
                         + "; ".join(problems) + ".")
     return converted
-
-
-def _ldm_names_of(expected: Mapping[str, torch.Size], table: Mapping[str, tuple[str, bool]]) -> list[str]:
-    """ldm spellings of the diffusers names in `expected` that the table can produce (for messages)."""
-    back = {target: (module, is_res) for module, (target, is_res) in table.items()}
-    names = []
-    for name in expected:
-        parts = name.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            module = ".".join(parts[:cut])
-            if module in back:
-                ldm_module, is_res = back[module]
-                rest = ".".join(parts[cut:])
-                if is_res:
-                    rest = next((old + rest[len(new):] for old, new in RESBLOCK_PARTS.items()
-                                 if rest.startswith(new + ".")), rest)
-                names.append(f"{ldm_module}.{rest}")
-                break
-    return names

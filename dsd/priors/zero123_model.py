@@ -14,7 +14,6 @@ Facts (checked in the public code; see /work/shared/design/PRIORS.md, section 2)
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from dsd.errors import UserError
+from dsd.priors import ldm_unet_keys as ldm_keys
+from dsd.priors.ldm_unet_keys import key_listing
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -148,62 +149,11 @@ def build_unet(cfg: Zero123UNetConfig, device: torch.device | str | None = None)
 # ----------------------------------------------------------------------------------------------
 # Checkpoint conversion (original ldm layout -> diffusers)
 
-# Inside a ResBlock, diffusers name -> ldm name (threestudio scripts/convert_zero123_to_diffusers.py,
-# `renew_resnet_paths`, read in reverse).
-RESNET_NAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-TOP_LEVEL_NAMES = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-MID_BLOCK_NAMES = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}
-
-
-def _resnet(rest: str) -> str:
-    module, _, param = rest.partition(".")
-    if module not in RESNET_NAMES:
-        raise KeyError(module)
-    return f"{RESNET_NAMES[module]}.{param}"
-
-
 def ldm_unet_name(key: str, cfg: Zero123UNetConfig) -> str:
-    """The ldm name (without `model.diffusion_model.`) of the diffusers UNet parameter `key`.
-    ldm numbers blocks flatly: input_blocks.0 is conv_in, then per level R ResBlocks (each
-    `.0`, with its transformer at `.1`) and a Downsample; output_blocks hold R+1 ResBlocks per level
-    with the Upsample as the last submodule of the level's last block. Transformer internals have
-    the same names in both layouts. KeyError for a name outside this layout."""
-    R = cfg.layers_per_block
-    for name, ldm in TOP_LEVEL_NAMES.items():
-        if key.startswith(name + "."):
-            return ldm + key[len(name):]
-    if key.startswith("mid_block."):
-        for name, ldm in MID_BLOCK_NAMES.items():
-            if key.startswith(f"mid_block.{name}."):
-                rest = key[len(f"mid_block.{name}."):]
-                return f"{ldm}.{_resnet(rest) if name.startswith('resnets') else rest}"
-    match = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
-    if match is None:
-        raise KeyError(key)
-    side, b, kind, j, rest = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), match.group(5)
-    if side == "down":
-        if kind == "downsamplers":  # the block after level b's R ResBlocks
-            return f"input_blocks.{(b + 1) * (R + 1)}.0.op.{rest.removeprefix('conv.')}"
-        index = 1 + b * (R + 1) + j
-        return f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
-    if kind == "upsamplers":  # after the ResBlock (and its transformer, if the level has one)
-        has_attention = b > 0  # up_blocks.0 is the deepest level, the only one without attention
-        return f"output_blocks.{b * (R + 1) + R}.{2 if has_attention else 1}.{rest}"
-    index = b * (R + 1) + j
-    return f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    """The ldm name (without `model.diffusion_model.`) of the diffusers UNet parameter `key`; attention
+    at every level but the deepest. KeyError for a name outside this layout."""
+    levels = len(cfg.block_out_channels)
+    return ldm_keys.ldm_unet_name(key, levels, cfg.layers_per_block, range(levels - 1))
 
 
 def ema_name(ldm_key: str) -> str:
@@ -212,17 +162,12 @@ def ema_name(ldm_key: str) -> str:
     return EMA_PREFIX + ldm_key.removeprefix("model.").replace(".", "")
 
 
-def _few(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
-
-
 def _layout_error(what: str, missing, unexpected) -> UserError:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
+        parts.append(f"{len(missing)} missing key(s): {key_listing(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected key(s): {key_listing(unexpected)}")
     return UserError(f"{what} does not have the Zero123 (ldm sd-objaverse-finetune-c_concat-256) layout: "
                      f"{'; '.join(parts)}. Accepted: an original zero123 / zero123-xl / stable-zero123 .ckpt.")
 
