@@ -145,6 +145,8 @@ def _validate_camera(cam: CameraConfig) -> None:
             raise UserError(f"camera.{key}={lo_hi} must be [low, high] with low <= high.")
     if not -90 <= cam.elevation_range[0] <= cam.elevation_range[1] <= 90:
         raise UserError(f"camera.elevation_range={list(cam.elevation_range)} must lie within [-90, 90] degrees.")
+    if not 0 < cam.fovy_range[0] <= cam.fovy_range[1] < 180:
+        raise UserError(f"camera.fovy_range={list(cam.fovy_range)} must lie strictly between 0 and 180 degrees.")
     if cam.distance_range[0] <= 0:
         raise UserError(f"camera.distance_range={list(cam.distance_range)} must be positive distances.")
     for key in ("camera_perturb", "center_perturb", "up_perturb", "quantize_deg"):

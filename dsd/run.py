@@ -56,6 +56,11 @@ def reference_summary(prior, prompt: str, entries: list[dict], cameras: Cameras 
     )
 
 
+def evaluation_cameras(cfg: Config, prior) -> Cameras:
+    """The fixed views every 3D seed is rendered from for metrics and grid.png."""
+    return eval_cameras(cfg.camera, cfg.camera.eval_views, cfg.camera.resolution or prior.image_shape[-1])
+
+
 @torch.no_grad()
 def write_seed_outputs(state: SeedState, prior, cfg: Config, seed_dir: Path) -> tuple[dict, np.ndarray]:
     """result.npz, final.png, exports (and for 3D the turntable video); returns the summary entry
@@ -63,8 +68,7 @@ def write_seed_outputs(state: SeedState, prior, cfg: Config, seed_dir: Path) -> 
     rep = state.representation
     cameras = None
     if rep.is_3d:
-        size = cfg.camera.resolution or prior.image_shape[-1]
-        cameras = eval_cameras(cfg.camera, cfg.camera.eval_views, size)
+        cameras = evaluation_cameras(cfg, prior)
         views = rep.render(cameras).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()  # (V, H, W, 3)
         if cfg.camera.video_frames:
             video = turntable(cfg.camera.video_frames, cfg.camera.eval_elevation, cfg.camera.eval_distance,
@@ -192,10 +196,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "seeds": entries,
         "config": {"guidance": asdict(cfg.guidance), "trainer": asdict(cfg.trainer)},
     }
-    eval_cams = None
-    if is_3d:
-        eval_cams = eval_cameras(cfg.camera, cfg.camera.eval_views, cfg.camera.resolution or prior.image_shape[-1])
-    summary.update(reference_summary(prior, cfg.prompt, entries, eval_cams))
+    summary.update(reference_summary(prior, cfg.prompt, entries, evaluation_cameras(cfg, prior) if is_3d else None))
     save_json(run_dir / "summary.json", summary)
     logger.log_images({"grid": np.asarray(grid, dtype=np.float32) / 255.0})
     logger.log_summary(summary)

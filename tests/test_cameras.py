@@ -162,3 +162,12 @@ def test_bad_camera_values_are_user_errors(key, value):
     cfg = Config(prompt="a cat", camera=CameraConfig(**{key: value}))
     with pytest.raises(UserError, match=f"camera.{key}"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("fovy", ["[0,50]", "[40,180]", "[-5,60]"])
+def test_fovy_outside_0_180_is_a_user_error(compose, fovy):
+    from dsd.config import validate
+    from dsd.errors import UserError
+
+    with pytest.raises(UserError, match="camera.fovy_range"):
+        validate(compose(f"camera.fovy_range={fovy}"))

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from dsd.errors import UserError
-from dsd.priors import ldm_unet_keys as ldm_keys
-from dsd.priors.ldm_unet_keys import key_listing, renamed
+from dsd.priors import ldm_unet
+from dsd.priors.ldm_unet import key_listing, renamed
 
 CAMERA_DIM = 16  # a flattened 4×4 camera-to-world matrix
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -48,29 +48,17 @@ class MVDreamUNetConfig:
     def num_levels(self) -> int:
         return len(self.block_out_channels)
 
-    def has_attention(self, level: int) -> bool:
-        """Down level `level` (0 = full resolution) has transformers: all but the deepest."""
-        return level < self.num_levels() - 1
-
     def diffusers_kwargs(self) -> dict:
-        levels = self.num_levels()
-        down = tuple("CrossAttnDownBlock2D" if self.has_attention(b) else "DownBlock2D" for b in range(levels))
-        up = tuple("CrossAttnUpBlock2D" if self.has_attention(levels - 1 - b) else "UpBlock2D" for b in range(levels))
-        return dict(
+        return ldm_unet.unet_kwargs(
+            self.block_out_channels,
+            heads=tuple(c // self.head_channels for c in self.block_out_channels),
+            linear_projection=True,  # ldm use_linear_in_transformer: True (SD 2.x)
             sample_size=self.sample_size,
             in_channels=self.in_channels,
             out_channels=self.out_channels,
-            block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
             cross_attention_dim=self.cross_attention_dim,
-            # diffusers' legacy name: for UNet2DConditionModel this is the number of HEADS per level
-            attention_head_dim=tuple(c // self.head_channels for c in self.block_out_channels),
-            use_linear_projection=True,  # ldm use_linear_in_transformer: True
             norm_num_groups=self.norm_num_groups,
-            flip_sin_to_cos=True,  # ldm timestep embedding is cat([cos, sin])
-            freq_shift=0,
             class_embed_type="projection",  # MVDream's camera_embed
             projection_class_embeddings_input_dim=CAMERA_DIM,
         )
@@ -144,7 +132,7 @@ def mvdream_camera(c2w: Tensor) -> Tensor:
 
 
 # --- checkpoint conversion: MVDream's ldm key layout -> diffusers -------------------------------
-# The shared ldm layout (dsd/priors/ldm_unet_keys.py) plus MVDream's camera MLP.
+# The shared ldm layout (dsd/priors/ldm_unet.py) plus MVDream's camera MLP.
 CAMERA_EMBED_NAMES = {"class_embedding.linear_1": "camera_embed.0", "class_embedding.linear_2": "camera_embed.2"}
 
 
@@ -154,8 +142,7 @@ def ldm_unet_name(key: str, config: MVDreamUNetConfig) -> str:
     if camera is not None:
         return camera
     levels = config.num_levels()
-    attention = [b for b in range(levels) if config.has_attention(b)]
-    return ldm_keys.ldm_unet_name(key, levels, config.layers_per_block, attention)
+    return ldm_unet.ldm_unet_name(key, levels, config.layers_per_block, ldm_unet.attention_levels(levels))
 
 
 def unet_part(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

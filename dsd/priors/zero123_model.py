@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from dsd.errors import UserError
-from dsd.priors import ldm_unet_keys as ldm_keys
-from dsd.priors.ldm_unet_keys import key_listing
+from dsd.priors import ldm_unet
+from dsd.priors.ldm_unet import key_listing
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -127,23 +127,19 @@ def build_unet(cfg: Zero123UNetConfig, device: torch.device | str | None = None)
     """A diffusers UNet2DConditionModel with the Zero123 layout (SD1.x-shaped: conv proj_in/out)."""
     from diffusers import UNet2DConditionModel
 
-    levels = len(cfg.block_out_channels)
+    kwargs = ldm_unet.unet_kwargs(
+        cfg.block_out_channels,
+        heads=cfg.num_heads,  # the same head count at every level (SD 1.x layout)
+        linear_projection=False,  # ldm use_linear_in_transformer: False -> 1×1 conv proj_in/out
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return UNet2DConditionModel(
-            sample_size=cfg.sample_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
-            block_out_channels=tuple(cfg.block_out_channels),
-            layers_per_block=cfg.layers_per_block,
-            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=cfg.cross_attention_dim,
-            attention_head_dim=cfg.num_heads,  # diffusers reads this as the head COUNT here (SD1.x quirk)
-            use_linear_projection=False,  # ldm use_linear_in_transformer: False -> 1×1 conv proj_in/out
-            norm_num_groups=cfg.norm_num_groups,
-            flip_sin_to_cos=True,  # ldm timestep embedding is cat([cos, sin])
-            freq_shift=0,
-        )
+        return UNet2DConditionModel(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +149,7 @@ def ldm_unet_name(key: str, cfg: Zero123UNetConfig) -> str:
     """The ldm name (without `model.diffusion_model.`) of the diffusers UNet parameter `key`; attention
     at every level but the deepest. KeyError for a name outside this layout."""
     levels = len(cfg.block_out_channels)
-    return ldm_keys.ldm_unet_name(key, levels, cfg.layers_per_block, range(levels - 1))
+    return ldm_unet.ldm_unet_name(key, levels, cfg.layers_per_block, ldm_unet.attention_levels(levels))
 
 
 def ema_name(ldm_key: str) -> str:

@@ -1,5 +1,5 @@
-"""The SD-style ldm UNet's state-dict names for diffusers' `UNet2DConditionModel` names, shared by
-the MVDream and Zero123 checkpoint converters.
+"""The SD-style ldm UNet on diffusers' `UNet2DConditionModel`: its layout (shared by the MVDream and
+Zero123 builders) and its state-dict names (shared by their checkpoint converters).
 
 ldm numbers blocks flatly (after removing `model.diffusion_model.`): input_blocks.0 is conv_in,
 then per level R ResBlocks (each `.0`, with its transformer at `.1`) and, except at the deepest
@@ -32,6 +32,34 @@ TOP_LEVEL_NAMES = {
 }
 MID_BLOCK_NAMES = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}
 BLOCK_KEY = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+
+
+def attention_levels(levels: int) -> range:
+    """Levels (0 = full resolution) with transformers: every level but the deepest, as ldm's
+    attention_resolutions [4, 2, 1] for channel_mult [1, 2, 4, 4] (SD, MVDream, Zero123)."""
+    return range(levels - 1)
+
+
+def unet_kwargs(block_out_channels: tuple[int, ...], heads: tuple[int, ...] | int, linear_projection: bool,
+                **shape) -> dict:
+    """`UNet2DConditionModel` arguments of an ldm UNet: block types from `attention_levels`, ldm's
+    cos-before-sin timestep embedding, `heads` per level (diffusers' legacy `attention_head_dim`
+    is the head COUNT for this model), conv (False) or linear (True) transformer projections.
+    `shape`: in/out channels, layers_per_block, cross_attention_dim, sample_size, norm groups and
+    any model-specific extra (e.g. MVDream's camera projection)."""
+    levels = len(block_out_channels)
+    attention = attention_levels(levels)
+    return dict(
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if b in attention else "DownBlock2D" for b in range(levels)),
+        up_block_types=tuple("CrossAttnUpBlock2D" if levels - 1 - b in attention else "UpBlock2D"
+                             for b in range(levels)),
+        attention_head_dim=heads,
+        use_linear_projection=linear_projection,
+        flip_sin_to_cos=True,  # ldm timestep embedding is cat([cos, sin])
+        freq_shift=0,
+        **shape,
+    )
 
 
 def renamed(key: str, modules: Mapping[str, str]) -> str | None:
