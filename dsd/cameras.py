@@ -187,3 +187,44 @@ def sample_cameras(generator: torch.Generator, n: int, cfg, size: int) -> Camera
 def eval_cameras(cfg, n: int, size: int) -> Cameras:
     """n evaluation views evenly around the object at the configured elevation/distance/fov."""
     return turntable(n, cfg.eval_elevation, cfg.eval_distance, cfg.eval_fovy, size, size)
+
+
+def sample_multiview_cameras(generator: torch.Generator, views: int, cfg, size: int) -> Cameras:
+    """The F = `views` cameras of one object for a multi-view prior, as MVDream-threestudio's
+    random_multiview.py: one elevation, distance and fovy per object, azimuths evenly spaced
+    (360/F apart) after one random offset uniform in cfg.azimuth_range. The perturbations and
+    quantization are those of `sample_cameras` (quantize_deg snaps the offset and the elevation,
+    so an object's camera SET repeats and its ODE can be cached)."""
+    elevation = sample_elevation(generator, 1, cfg.elevation_range, cfg.elevation_sphere_prob).expand(views)
+    offset = _uniform(generator, 1, *(float(v) for v in cfg.azimuth_range))
+    distance = _uniform(generator, 1, *(float(v) for v in cfg.distance_range)).expand(views)
+    fovy = _uniform(generator, 1, *(float(v) for v in cfg.fovy_range)).expand(views)
+    if cfg.quantize_deg > 0:
+        q = float(cfg.quantize_deg)
+        elevation, offset = (elevation / q).round() * q, (offset / q).round() * q
+    azimuth = wrap_azimuth(offset + torch.arange(views, dtype=torch.float64) * 360.0 / views)
+    position = orbit_position(elevation, azimuth, distance)
+    center = torch.zeros_like(position)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).repeat(views, 1)
+    if cfg.camera_perturb > 0:
+        position = position + _uniform(generator, (views, 3), -cfg.camera_perturb, cfg.camera_perturb)
+    if cfg.center_perturb > 0:
+        center = center + cfg.center_perturb * torch.randn(views, 3, generator=generator, dtype=torch.float64)
+    if cfg.up_perturb > 0:
+        up = up + cfg.up_perturb * torch.randn(views, 3, generator=generator, dtype=torch.float64)
+    c2w = look_at_c2w(position, center, up).float()
+    return Cameras(c2w, fovy.float(), elevation.float(), azimuth.float(), distance.float(), size, size)
+
+
+def multiview_order(n: int, views: int) -> Tensor:
+    """Row order that makes a turntable of n = m·F views whole objects for an F-view prior: object
+    g holds turntable views g, g+m, …, g+(F−1)·m, i.e. F evenly spaced views. (n,) long index."""
+    if n % views:
+        from dsd.errors import UserError
+
+        raise UserError(
+            f"camera.eval_views={n} must be a multiple of the prior's {views} views per sample "
+            f"(a multi-view prior sees evaluation views in whole objects of {views})."
+        )
+    m = n // views
+    return torch.arange(n).reshape(views, m).T.flatten()

@@ -36,6 +36,12 @@ class TrainerConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only on interrupt)
     log_every: int = 10
     resume: bool = False  # continue from seed_<s>/checkpoint.pt in the run dir
+    # Reference-view loss of image-to-3D (priors with an input view: zero123, analytic mode=image),
+    # relative to the guidance term (weight 1): λ_rgb·MSE(render, input over background) +
+    # λ_mask·MSE(alpha, mask) at the input camera, every step. threestudio's configs/zero123.yaml
+    # (@0076b2d) has lambda_sds 0.003, lambda_rgb 200, lambda_mask 50, i.e. ratios 6.7e4 and 1.7e4.
+    lambda_rgb: float = 0.0
+    lambda_mask: float = 0.0
 
 
 @dataclass
@@ -181,6 +187,11 @@ def validate(cfg: Config) -> list[int]:
     _validate_camera(cfg.camera)
     if cfg.trainer.lr <= 0:
         raise UserError(f"trainer.lr={cfg.trainer.lr} must be positive.")
+    if cfg.trainer.lambda_rgb < 0 or cfg.trainer.lambda_mask < 0:
+        raise UserError(
+            f"trainer.lambda_rgb={cfg.trainer.lambda_rgb} and trainer.lambda_mask={cfg.trainer.lambda_mask} "
+            "must be >= 0 (0 turns the reference-view loss off)."
+        )
     if cfg.trainer.checkpoint_every < 0:
         raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every} must be >= 0.")
     return seeds

@@ -71,7 +71,8 @@ class OdeTrajectories:
             store[key] = store.pop(key) if key in store else Trajectory(xs=[eps_star[row]])  # most recent last
             rows_of.setdefault(key, row)
         while len(store) > max(self.max_trajectories, len(rows_of)):
-            del store[next(iter(store))]
+            for sibling in self._object_keys(next(iter(store))):  # a multi-view object goes whole
+                store.pop(sibling, None)
         need: dict[Hashable, int] = {}
         for row, key in enumerate(keys):
             need[key] = max(need.get(key, -1), int(index[row]))
@@ -79,6 +80,8 @@ class OdeTrajectories:
             todo = [key for key, j in need.items() if len(store[key].eps) <= j]
             if not todo:
                 break
+            if len(todo) % self.prior.views_per_sample:  # rows of one object advance together
+                raise RuntimeError(f"{len(todo)} ODE rows are not whole objects of {self.prior.views_per_sample} views")
             k = torch.tensor([len(store[key].eps) for key in todo])
             x = torch.stack([store[key].xs[-1] for key in todo])
             eps = self.prior.eps(
@@ -92,6 +95,11 @@ class OdeTrajectories:
                     a = self.prior.alpha(self.grid[j : j + 2])
                     traj.xs.append(ddim_step(x[i : i + 1], eps[i : i + 1], a[:1], a[1:])[0])
         return [store[key] for key in keys]
+
+    def _object_keys(self, key: Hashable) -> list[Hashable]:
+        """The keys of all view slots of `key`'s object: (…, slot) for a multi-view prior."""
+        views = self.prior.views_per_sample
+        return [key] if views == 1 else [(*key[:-1], slot) for slot in range(views)]
 
     def eps_at(self, keys: Sequence[Hashable], eps_star: Tensor, cond: Condition, index: Tensor) -> Tensor:
         """ε̂(x(g_j), g_j) with j = index[row] for each row. (B, C, H, W)"""
@@ -131,5 +139,6 @@ def ddim_sample(prior: Prior, eps_star: Tensor, cond: Condition, steps: int, cfg
     """Plain DDIM sample: n steps on the grid from x(g_0) = ε*, output x0(g_n), the clean
     prediction at the last grid point (n + 1 prior evaluations per row). (B, C, H, W)"""
     ode = OdeTrajectories(prior, steps, cfg_scale)
-    keys = list(range(len(eps_star)))
+    views = prior.views_per_sample  # rows of one object (multi-view prior) are one ODE
+    keys = [(row // views, row % views) for row in range(len(eps_star))]
     return ode.x0_at(keys, eps_star, cond, torch.full((len(eps_star),), steps, dtype=torch.long))

@@ -33,16 +33,20 @@ def names(group: str) -> list[str]:
     return sorted(_REGISTRY[group])
 
 
-def build(group: str, cfg: Any, **kwargs: Any) -> Any:
+def lookup(group: str, name: str) -> type:
+    """The class registered as `<group>=<name>`."""
     from dsd.errors import UserError
 
     try:
-        cls, _ = _REGISTRY[group][cfg.name]
+        return _REGISTRY[group][name][0]
     except KeyError:
         raise UserError(
-            f"{group}.name={cfg.name!r} is not a known {group}; accepted: {', '.join(names(group))}."
+            f"{group}.name={name!r} is not a known {group}; accepted: {', '.join(names(group))}."
         ) from None
-    return cls(cfg, **kwargs)
+
+
+def build(group: str, cfg: Any, **kwargs: Any) -> Any:
+    return lookup(group, cfg.name)(cfg, **kwargs)
 
 
 def load_all() -> None:

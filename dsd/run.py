@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dsd import registry
-from dsd.cameras import Cameras, eval_cameras, turntable
+from dsd.cameras import Cameras, eval_cameras, multiview_order, turntable
 from dsd.config import Config, resolve_device, validate
+from dsd.errors import UserError
 from dsd.logging import RunLogger, console, make_progress
 from dsd.metrics.reference import nearest_reference, reach_threshold_db, summarize_references
 from dsd.outputs import save_grid, save_json, save_png, save_result, save_video
@@ -54,6 +55,18 @@ def reference_summary(prior, prompt: str, entries: list[dict], cameras: Cameras 
     return summarize_references(
         [e["nearest_reference"] for e in entries], [e["psnr_to_reference"] for e in entries], reach_threshold_db(refs)
     )
+
+
+def check_prior_fits_representation(prior, cfg: Config) -> None:
+    """A prior conditioned on cameras (MVDream, Zero123, analytic multiview/image) needs a 3D
+    representation; a multi-view prior sees the evaluation views in whole objects."""
+    if prior.needs_cameras and not registry.lookup("representation", cfg.representation.name).is_3d:
+        raise UserError(
+            f"prior={cfg.prior.name} conditions on cameras, so it needs a 3D representation; "
+            f"representation={cfg.representation.name} is 2D. Use representation=gaussians or representation=nerf."
+        )
+    if prior.views_per_sample > 1:
+        multiview_order(cfg.camera.eval_views, prior.views_per_sample)  # raises when not whole objects
 
 
 def evaluation_cameras(cfg: Config, prior) -> Cameras:
@@ -122,6 +135,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     started = time.perf_counter()
 
     prior = build_prior(cfg, device)
+    check_prior_fits_representation(prior, cfg)
     guidance = registry.build("guidance", cfg.guidance, prior=prior)
     make_rep = lambda: registry.build("representation", cfg.representation, prior=prior, device=device)  # noqa: E731
     logger = RunLogger(

@@ -1,5 +1,11 @@
 """dsd-sample: plain DDIM samples of the prior, written like a run (result.npz per seed), so
-optimization results can be compared with the sample of the same seed."""
+optimization results can be compared with the sample of the same seed.
+
+A prior conditioned on cameras (analytic multiview/image, MVDream, Zero123) is sampled on the
+evaluation views (camera.eval_*): per seed, DDIM from the seed's ε* (the trainer's, view slot by
+view slot for a multi-view prior, whose F views are sampled jointly); each seed's row of grid.png
+shows its views and its `nearest_reference` is taken over all of them.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from dsd.cameras import multiview_order
 from dsd.config import Config, resolve_device, validate
 from dsd.logging import console
 from dsd.ode import ddim_sample
 from dsd.outputs import save_grid, save_json, save_png, save_result
-from dsd.run import build_prior, reference_metrics, reference_summary
-from dsd.seeding import seed_noise
+from dsd.run import build_prior, evaluation_cameras, reference_metrics, reference_summary
+from dsd.seeding import eps_star_rows, prior_eps_star
 
 
 def sample(cfg: Config, run_dir: Path) -> dict:
@@ -22,23 +29,40 @@ def sample(cfg: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     prior = build_prior(cfg, device)
-    eps_star = torch.stack([seed_noise(seed, prior.sample_shape) for seed in seeds]).to(device)
+    cameras = None
+    views = 1
+    if prior.needs_cameras:
+        cameras = evaluation_cameras(cfg, prior)  # turntable order: metrics and the grid use it
+        views = len(cameras)
+        order = multiview_order(views, prior.views_per_sample) if prior.views_per_sample > 1 else torch.arange(views)
+        sampled_cameras = cameras.rows(order)  # whole objects of F views for a multi-view prior
+    eps_star = torch.cat(
+        [eps_star_rows(prior_eps_star(seed, prior), views, prior.views_per_sample) for seed in seeds]
+    ).to(device)
+    cond_cameras = None if cameras is None else type(cameras).cat([sampled_cameras] * len(seeds))
     x0 = ddim_sample(
         prior,
         eps_star,
-        prior.condition(cfg.prompt, batch=len(seeds)),
+        prior.condition(cfg.prompt, batch=len(eps_star), cameras=cond_cameras),
         cfg.sampler.steps,
         cfg.sampler.cfg_scale,
     )
-    images = prior.decode(x0).permute(0, 2, 3, 1).float().cpu()
+    images = prior.decode(x0).permute(0, 2, 3, 1).float().cpu().reshape(len(seeds), views, *x0.shape[-2:], 3)
+    if cameras is not None:  # back to turntable order
+        images = images[:, torch.argsort(order)]
     entries = []
-    for seed, image in zip(seeds, images):
+    for seed, seed_views in zip(seeds, images):
+        image = seed_views[0]  # the contract: the first evaluation view
         save_result(run_dir / f"seed_{seed}" / "result.npz", image.numpy())
         save_png(run_dir / f"seed_{seed}" / "final.png", image.numpy())
+        shown = image if cameras is None else seed_views
         entries.append(
-            {"seed": seed, "steps": cfg.sampler.steps, **reference_metrics(prior, cfg.prompt, image)}
+            {"seed": seed, "steps": cfg.sampler.steps, **reference_metrics(prior, cfg.prompt, shown, cameras)}
         )
-    save_grid(run_dir / "grid.png", [im.numpy() for im in images], [f"seed {s}" for s in seeds])
+    labels = [
+        f"seed {e['seed']}" + (f"  ref {e['nearest_reference']}" if "nearest_reference" in e else "") for e in entries
+    ]
+    save_grid(run_dir / "grid.png", [v.numpy() for v in images], labels)
     summary = {
         "prompt": cfg.prompt,
         "sampler": "ddim",
@@ -48,7 +72,7 @@ def sample(cfg: Config, run_dir: Path) -> dict:
         "wall_s": round(time.perf_counter() - started, 3),
         "prior_rows": prior.rows_evaluated,
         "seeds": entries,
-        **reference_summary(prior, cfg.prompt, entries),
+        **reference_summary(prior, cfg.prompt, entries, cameras),
     }
     save_json(run_dir / "summary.json", summary)
     console.print(f"[green]sampled[/green] {len(seeds)} seeds -> {run_dir}")

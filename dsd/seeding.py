@@ -16,3 +16,18 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 def step_generator(seed: int) -> torch.Generator:
     """The seed's stream for per-step randomness (t, δ, fresh noise, cameras)."""
     return torch.Generator().manual_seed(text_seed(f"steps:{seed}"))
+
+
+def prior_eps_star(seed: int, prior) -> torch.Tensor:
+    """ε* of a seed for `prior`: one noise (C, H, W), or F noises (F, C, H, W), one per view slot,
+    for a multi-view prior (`Prior.views_per_sample`). Used by the trainer and by dsd-sample."""
+    views = prior.views_per_sample
+    return seed_noise(seed, prior.sample_shape if views == 1 else (views, *prior.sample_shape))
+
+
+def eps_star_rows(eps_star: torch.Tensor, rows: int, views_per_sample: int) -> torch.Tensor:
+    """A seed's ε* for its `rows` rows: the same noise for every view of a per-view prior, view
+    slot i mod F of a multi-view prior (rows in whole objects). (rows, C, H, W)"""
+    if views_per_sample == 1:
+        return eps_star.expand(rows, *eps_star.shape)
+    return eps_star[torch.arange(rows) % views_per_sample]

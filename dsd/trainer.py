@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dsd.cameras import Cameras, eval_cameras, sample_cameras
+from dsd.cameras import Cameras, eval_cameras, multiview_order, sample_cameras, sample_multiview_cameras
 from dsd.config import CameraConfig, TrainerConfig
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.outputs import save_torch
 from dsd.priors.base import Prior, per_row
 from dsd.representations.base import Representation
-from dsd.seeding import seed_noise, step_generator
+from dsd.seeding import eps_star_rows, prior_eps_star, step_generator
 
 
 def view_count(cameras: Cameras | None) -> int:
@@ -35,7 +35,7 @@ class SeedState:
     representation: Representation
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # per-step randomness of this seed
-    eps_star: Tensor  # (C, H, W) fixed noise of this seed
+    eps_star: Tensor  # (C, H, W) fixed noise of this seed; (F, C, H, W) for an F-view prior
     step: int = 0
     initialized: bool = False  # guidance's initial target applied
     prior_rows: float = 0.0  # prior rows attributed to this seed (its share of each batched call)
@@ -85,7 +85,7 @@ class Trainer:
             representation=representation,
             optimizer=representation.make_optimizer(self.optimizer_name, self.lr),
             generator=step_generator(seed),
-            eps_star=seed_noise(seed, self.prior.sample_shape).to(self.device),
+            eps_star=prior_eps_star(seed, self.prior).to(self.device),
         )
 
     def save(self, state: SeedState) -> None:
@@ -134,6 +134,9 @@ class Trainer:
         """Each seed's cameras for this step, from its own generator (None for 2D)."""
         if not states[0].representation.is_3d:
             return [None] * len(states)
+        if self.prior.views_per_sample > 1:  # one object of F evenly spaced views per seed and step
+            f = self.prior.views_per_sample
+            return [sample_multiview_cameras(s.generator, f, self.camera_cfg, self.render_size(s, step)) for s in states]
         views = self.camera_cfg.views_per_step
         return [sample_cameras(s.generator, views, self.camera_cfg, self.render_size(s, step)) for s in states]
 
@@ -145,7 +148,7 @@ class Trainer:
             prior=self.prior,
             cond=self.prior.condition(self.prompt, batch=len(rows), cameras=stacked),
             seeds=[s.seed for s in rows],
-            eps_star=torch.stack([s.eps_star for s in rows]),
+            eps_star=torch.cat([eps_star_rows(s.eps_star, view_count(c), self.prior.views_per_sample) for s, c in zip(states, cameras)]),
             generators=[s.generator for s in rows],
             step=step,
             steps=self.cfg.steps,
@@ -159,7 +162,10 @@ class Trainer:
             return
         if fresh[0].representation.is_3d:
             size = self.render_size(fresh[0], 0)
-            cameras = [eval_cameras(self.camera_cfg, self.camera_cfg.eval_views, size) for _ in fresh]
+            views = eval_cameras(self.camera_cfg, self.camera_cfg.eval_views, size)
+            if self.prior.views_per_sample > 1:  # whole objects of F evenly spaced views
+                views = views.rows(multiview_order(len(views), self.prior.views_per_sample))
+            cameras = [views for _ in fresh]
         else:
             cameras = [None] * len(fresh)
         target = self.guidance.initial_target(self.context(fresh, 0, cameras))
@@ -187,6 +193,7 @@ class Trainer:
         loss = (x * grad.detach() / per_row(views, x)).sum()
         for state in states:
             loss = loss + sum(state.representation.regularizers().values(), torch.zeros(()))
+            loss = loss + self.reference_view_loss(state)
             state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         elapsed = time.perf_counter() - start
@@ -206,6 +213,25 @@ class Trainer:
             state.prior_rows += rows
             state.wall_s += elapsed / len(states)
         return info
+
+    def reference_view_loss(self, state: SeedState) -> Tensor:
+        """λ_rgb·MSE + λ_mask·MSE of the render at the prior's input camera against the input view
+        (image-to-3D; threestudio's zero123 system computes the same two terms). Outside the mask
+        the RGB target is the render itself (detached): there the mask term pulls the opacity to 0,
+        whatever the representation's background, so it also works with a learned background."""
+        reference = self.prior.reference_view()
+        cfg = self.cfg
+        if reference is None or not state.representation.is_3d or (cfg.lambda_rgb == 0 and cfg.lambda_mask == 0):
+            return torch.zeros((), device=self.device)
+        camera = reference.camera
+        out = state.representation.render(camera, with_alpha=True)[0]  # (4, H, W)
+        size = tuple(out.shape[-2:])
+        rgb = torch.nn.functional.interpolate(reference.rgb[None].to(out), size=size, mode="bilinear")[0]
+        mask = torch.nn.functional.interpolate(reference.mask[None].to(out), size=size, mode="bilinear")[0]
+        target = rgb * mask + out[:3].detach() * (1 - mask)
+        return cfg.lambda_rgb * torch.nn.functional.mse_loss(out[:3], target) + cfg.lambda_mask * (
+            torch.nn.functional.mse_loss(out[3:], mask)
+        )
 
     def optimize(self, states: list[SeedState]) -> None:
         """Run every state to cfg.steps; saves checkpoints on schedule and on Ctrl-C/crash."""

@@ -25,17 +25,38 @@ class GuidanceContext:
     step: int  # 0-based optimization step
     steps: int  # total optimization steps N
 
+    @property
+    def views_per_sample(self) -> int:
+        """F: rows that form one sample (an object of a multi-view prior), adjacent in the batch."""
+        return self.prior.views_per_sample
+
     def trajectory_keys(self) -> list[Hashable]:
-        """A row follows the ODE of (its seed, its condition)."""
-        return [(seed, self.cond.cache_key(row)) for row, seed in enumerate(self.seeds)]
+        """A row follows the ODE of (its seed, its condition). For a multi-view prior the ODE is
+        the object's: the key is (seed, the conditions of all F rows, view slot), so one object's
+        rows share a camera SET and are advanced (and evicted) together (dsd.ode)."""
+        f = self.views_per_sample
+        if f == 1:
+            return [(seed, self.cond.cache_key(row)) for row, seed in enumerate(self.seeds)]
+        keys = []
+        for first in range(0, len(self.seeds), f):
+            group = tuple(self.cond.cache_key(row) for row in range(first, first + f))
+            keys.extend((self.seeds[first], group, slot) for slot in range(f))
+        return keys
 
     def randn_like_rows(self, x: Tensor) -> Tensor:
         """Fresh N(0, I) noise per row from each row's own generator. (B, C, H, W)"""
         return torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators]).to(x)
 
+    def per_sample(self, draw) -> Tensor:
+        """`draw(generator)` once per sample (per row, or per object of F rows from its first row's
+        generator), repeated over the object's rows: one t per object, as MVDream-threestudio. (B,)"""
+        f = self.views_per_sample
+        values = torch.stack([torch.as_tensor(draw(g)) for g in self.generators[::f]])
+        return values.repeat_interleave(f)
+
     def rand_rows(self) -> Tensor:
-        """One U[0, 1) per row from each row's own generator. (B,)"""
-        return torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        """One U[0, 1) per sample from its own generator (see `per_sample`). (B,)"""
+        return self.per_sample(lambda g: torch.rand((), generator=g, dtype=torch.float64))
 
 
 class Guidance(abc.ABC):

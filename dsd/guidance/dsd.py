@@ -101,11 +101,11 @@ class DSD(OdeGuidance):
             raise UserError(f"guidance.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min <= t_max < 1.")
 
     def timesteps(self, ctx: GuidanceContext) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """t (B,) from the schedule and t+δ (B,) from each row's own generator."""
+        """t (B,) from the schedule and t+δ (B,) from each sample's own generator."""
         T, cfg = self.prior.num_train_timesteps, self.cfg
         t_min, t_max = timestep_bounds(T, cfg.t_min, cfg.t_max)
         if cfg.t_schedule == "random":
-            t = torch.tensor([uniform_timestep(g, t_min, t_max) for g in ctx.generators])
+            t = ctx.per_sample(lambda g: uniform_timestep(g, t_min, t_max))
         else:
             t = torch.full(
                 (len(ctx.seeds),), annealed_timestep(ctx.step, ctx.steps, T, cfg.t_max, cfg.t_min, cfg.t_schedule)

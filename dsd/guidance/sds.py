@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from dsd.config import GuidanceConfig
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.priors.base import add_noise, per_row
@@ -30,7 +28,7 @@ class SDSConfig(GuidanceConfig):
 class SDS(Guidance):
     def grad(self, x, ctx: GuidanceContext):
         t_min, t_max = timestep_bounds(self.prior.num_train_timesteps, self.cfg.t_min, self.cfg.t_max)
-        t = torch.tensor([uniform_timestep(g, t_min, t_max) for g in ctx.generators], device=x.device)
+        t = ctx.per_sample(lambda g: uniform_timestep(g, t_min, t_max)).to(x.device)
         noise = ctx.randn_like_rows(x)
         a = self.prior.alpha(t)
         eps_hat = self.prior.eps(add_noise(x, noise, a), t, ctx.cond, self.cfg.cfg_scale)

@@ -8,7 +8,16 @@ pool plus the prompts conditioned on in this process, so classifier-free guidanc
 
 In 3D (conditions built with cameras) the K references of a prompt are procedural 3D shapes
 (dsd.priors.shapes) and the mixture is over their renders from each row's camera: the exact
-denoiser of "a render of one of the K shapes from this view".
+denoiser of "a render of one of the K shapes from this view". `prior.mode` picks what one sample is:
+
+- `text`: one view (SD-like); each view has its own posterior over the K shapes.
+- `multiview` (MVDream-like): the F renders of one object at a step are ONE sample, so the
+  posterior over k uses all F views together: its logits are the sum of the views' logits
+  (Π_f N(x_t^f; √ᾱ·R_k^f, (1−ᾱ)I)), and every view's ε̂ is taken under that joint posterior.
+- `image` (Zero-1-to-3-like): the condition is also an input view y of reference
+  `image_reference`, observed with Gaussian noise σ = `image_noise` from the input camera: shape
+  k's prior weight is ∝ exp(−‖y − R_k(input)‖² / 2σ²), so shapes that look the same from the input
+  view stay equally likely (use `prior.data=backs`, whose shapes differ only behind the body).
 """
 
 from __future__ import annotations
@@ -22,11 +31,19 @@ from torch import Tensor
 
 from dsd.config import PriorConfig
 from dsd.errors import UserError
-from dsd.priors.base import Condition, Prior, eps_from_x0, resize_pixels, scaled_linear_alphas_cumprod
+from dsd.priors.base import (
+    Condition,
+    Prior,
+    ReferenceView,
+    eps_from_x0,
+    resize_pixels,
+    scaled_linear_alphas_cumprod,
+)
 from dsd.priors.procedural import DATA_SETS, reference_images
-from dsd.priors.shapes import reference_shapes, render_shapes, view_params
+from dsd.priors.shapes import SHAPE_SETS, reference_shapes, render_shapes, view_params
 from dsd.registry import register
 
+MODES = ("text", "multiview", "image")
 RENDER_CACHE_VIEWS = 256  # views whose reference renders are kept (the demo's 15° grid has 72)
 DEFAULT_POOL = [
     "a hamburger",
@@ -43,7 +60,13 @@ DEFAULT_POOL = [
 @dataclass
 class AnalyticPriorConfig(PriorConfig):
     name: str = "analytic"
-    mode: str = "text"  # text: one view, SD-like
+    mode: str = "text"  # text (one view, SD-like) | multiview (MVDream-like) | image (Zero123-like)
+    num_views: int = 4  # multiview: F views per sample (MVDream's 4)
+    image_reference: int = 0  # image: the reference the input view shows
+    image_noise: float = 0.05  # image: σ of the input-view observation, in prior space [−1, 1]
+    image_elevation: float = 0.0  # image: the input camera (front view, azimuth 0)
+    image_distance: float = 2.0
+    image_fovy: float = 50.0
     data: str = "colourways"  # references (2D images, 3D shapes): colourways (decide gradually) | separated
     num_references: int = 8  # K references per prompt
     image_size: int = 32
@@ -66,12 +89,18 @@ class AnalyticPrior(Prior):
 
     def __init__(self, cfg: AnalyticPriorConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        if cfg.mode != "text":
-            raise UserError(
-                f"prior.mode={cfg.mode!r} is not available yet for the analytic prior; accepted: text."
-            )
-        if cfg.data not in DATA_SETS:
-            raise UserError(f"prior.data={cfg.data!r} is not accepted; use one of: {', '.join(DATA_SETS)}.")
+        if cfg.mode not in MODES:
+            raise UserError(f"prior.mode={cfg.mode!r} is not accepted; use one of: {', '.join(MODES)}.")
+        if cfg.data not in SHAPE_SETS:
+            raise UserError(f"prior.data={cfg.data!r} is not accepted; use one of: {', '.join(SHAPE_SETS)}.")
+        if cfg.data not in DATA_SETS and cfg.mode == "text":
+            raise UserError(f"prior.data={cfg.data!r} is 3D only; use prior.mode=multiview or image, or "
+                            f"prior.data one of: {', '.join(DATA_SETS)}.")
+        if cfg.mode == "multiview" and cfg.num_views < 1:
+            raise UserError(f"prior.num_views={cfg.num_views} must be >= 1.")
+        if cfg.mode == "image" and not (0 <= cfg.image_reference < cfg.num_references and cfg.image_noise > 0):
+            raise UserError(f"prior.image_reference={cfg.image_reference} must be in [0, prior.num_references) "
+                            f"and prior.image_noise={cfg.image_noise} > 0.")
         if cfg.num_references < 1 or cfg.image_size < 4:
             raise UserError(
                 f"prior.num_references={cfg.num_references} and prior.image_size={cfg.image_size} "
@@ -79,6 +108,8 @@ class AnalyticPrior(Prior):
             )
         self.cfg = cfg
         self.device = torch.device(device)
+        self.views_per_sample = cfg.num_views if cfg.mode == "multiview" else 1
+        self.needs_cameras = cfg.mode != "text"
         self.alphas_cumprod = scaled_linear_alphas_cumprod(
             cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end
         )
@@ -87,6 +118,7 @@ class AnalyticPrior(Prior):
         # (view, #prompts) -> (P·K, D) prior space, least recently used dropped first: with
         # continuous cameras every step is a new view (~1.8 MB each at 32 px)
         self._render_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._input_view: ReferenceView | None = None  # mode=image, set by the first condition()
         self._refs = torch.zeros(0, cfg.num_references, 3 * cfg.image_size**2, dtype=torch.float64)
         for prompt in cfg.pool:
             self._index_of(prompt)
@@ -98,7 +130,10 @@ class AnalyticPrior(Prior):
     def _index_of(self, prompt: str) -> int:
         key = prompt.strip().lower()
         if key not in self.prompts:
-            images = reference_images(key, self.cfg.num_references, self.cfg.image_size, self.cfg.data)
+            if self.cfg.data in DATA_SETS:
+                images = reference_images(key, self.cfg.num_references, self.cfg.image_size, self.cfg.data)
+            else:  # 3D-only data: no 2D references (2D runs are refused in __init__)
+                images = torch.zeros(self.cfg.num_references, *self.sample_shape)
             flat = self.encode(images.double()).reshape(1, self.cfg.num_references, -1)
             self._refs = torch.cat([self._refs, flat.to(self._refs)])
             self.prompts.append(key)
@@ -136,6 +171,11 @@ class AnalyticPrior(Prior):
 
     def condition(self, prompt: str, batch: int, cameras=None) -> AnalyticCondition:
         index = self._index_of(prompt)
+        if self.needs_cameras and cameras is None:
+            raise UserError(f"prior.mode={self.cfg.mode} of the analytic prior conditions on cameras; use a 3D "
+                            "representation (representation=gaussians or nerf) or prior.mode=text.")
+        if self.cfg.mode == "image":
+            self._set_input_view(index)
         view = None if cameras is None else view_params(cameras)
         return AnalyticCondition(prompt_index=torch.full((batch,), index, dtype=torch.long), view=view)
 
@@ -150,6 +190,41 @@ class AnalyticPrior(Prior):
         refs = self._references_of_rows(cond, x_t.device)  # (1 or B, P·K, D)
         return self._posterior(x_t, t, cond, unconditional, refs)
 
+    def input_camera(self):
+        """The camera of the input view (mode=image)."""
+        from dsd.cameras import orbit_cameras
+
+        one = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
+        size = self.cfg.image_size
+        return orbit_cameras(one(self.cfg.image_elevation), one(0.0), one(self.cfg.image_distance),
+                             one(self.cfg.image_fovy), size, size)
+
+    def reference_view(self) -> ReferenceView | None:
+        """mode=image: reference `image_reference` of the first prompt conditioned on, rendered from
+        the input camera (rgb over the background, and its opacity as the mask)."""
+        if self.cfg.mode != "image":
+            return None
+        if self._input_view is None:
+            raise RuntimeError("reference_view() before any condition(): the prompt is not known yet")
+        return self._input_view
+
+    def _set_input_view(self, index: int) -> None:
+        if self._input_view is not None:
+            return
+        camera = self.input_camera()
+        background = torch.tensor(self.cfg.background, dtype=torch.float32)
+        shape = self._shapes[index][self.cfg.image_reference]
+        rgba = render_shapes([shape], view_params(camera)[0], self.cfg.image_size, background, with_alpha=True)[0]
+        self._input_view = ReferenceView(camera=camera, rgb=rgba[:3], mask=rgba[3:])
+
+    def _log_input_weights(self, prompt_index: Tensor) -> Tensor:
+        """mode=image: log p(y | k) − const for every reference of every prompt, (B, P·K): the
+        likelihood of the input view y under shape k's render from the input camera."""
+        y = self.encode(self._input_view.rgb[None].double()).reshape(1, -1)
+        renders = self._view_references(view_params(self.input_camera())[0])  # (P·K, D)
+        log_w = -((renders - y) ** 2).sum(-1) / (2 * self.cfg.image_noise**2)
+        return log_w[None].expand(len(prompt_index), -1)
+
     def _posterior(self, x_t, t, cond, unconditional, refs) -> Tensor:
         x = x_t.reshape(len(x_t), -1).double()
         a = self.alpha(t.cpu()).to(x.device)[:, None]  # (B, 1)
@@ -161,7 +236,17 @@ class AnalyticPrior(Prior):
         allowed = unconditional[:, None].to(x.device) | (
             owner[None] == cond.prompt_index.to(x.device)[:, None]
         )
-        return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)
+        if self.cfg.mode == "image":  # the input view weighs the conditional rows' shapes
+            log_w = self._log_input_weights(cond.prompt_index).to(x.device)
+            logits = logits + torch.where(unconditional[:, None].to(x.device), torch.zeros_like(log_w), log_w)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        f = self.views_per_sample
+        if f > 1:  # one object's F views are one sample: joint likelihood, one posterior
+            if len(x) % f:
+                raise ValueError(f"{len(x)} rows are not whole objects of {f} views")
+            joint = torch.softmax(logits.reshape(-1, f, logits.shape[-1]).sum(1), dim=1)
+            return joint.repeat_interleave(f, dim=0)
+        return torch.softmax(logits, dim=1)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, cond: AnalyticCondition, unconditional: Tensor) -> Tensor:
         refs = self._references_of_rows(cond, x_t.device)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsd.cameras import Cameras
 from dsd.priors.perp_neg import perp_neg_guidance
 
 
@@ -117,15 +118,37 @@ class Condition:
         return tuple(tuple(getattr(self, name)[row].flatten().tolist()) for name in self._tensor_fields())
 
 
+@dataclass
+class ReferenceView:
+    """The input view of an image-conditioned prior (Zero-1-to-3, analytic image mode): the camera
+    it was taken from and what it shows, for the reference-view loss of image-to-3D."""
+
+    camera: Cameras  # one view
+    rgb: Tensor  # (3, H, W) in [0, 1], the object over its background
+    mask: Tensor  # (1, H, W) in [0, 1], 1 on the object
+
+
 class Prior(torch.nn.Module, abc.ABC):
     """A pretrained (or exact) noise predictor with classifier-free guidance.
 
     Subclasses set `alphas_cumprod` (float64, (T,)) and implement `predict_eps` (raw, unguided
     rows), `condition`, `encode`/`decode` and `sample_shape`.
+
+    Multi-view priors (MVDream, analytic `mode=multiview`) set `views_per_sample` F > 1: the F
+    renders of one object at a step are ONE sample. Then every batch they get is whole objects, F
+    adjacent rows each (view slots 0..F−1, in that order), with one t per object; the trainer
+    renders F cameras per seed and step (`dsd.cameras.sample_multiview_cameras`) and a seed's ε*
+    is F noises, one per view slot.
     """
 
     name: str = "prior"
     alphas_cumprod: Tensor
+    views_per_sample: int = 1  # F: rows evaluated jointly as one sample (see above)
+    needs_cameras: bool = False  # True: only 3D representations (the condition is a camera set)
+
+    def reference_view(self) -> ReferenceView | None:
+        """The input view the result must reproduce (image-conditioned priors), else None."""
+        return None
 
     def __init__(self) -> None:
         super().__init__()

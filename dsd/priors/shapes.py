@@ -99,7 +99,34 @@ def colourway_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> lis
     return shapes
 
 
-SHAPE_SETS = {"colourways": colourway_shapes, "separated": separated_shapes}
+def back_shapes(prompt: str, num: int, gaussians_per_part: int = 24) -> list[GaussianShape]:
+    """`backs` data (for image-to-3D, analytic mode=image): one shape per prompt whose K variants
+    differ only in the colour of a part on its BACK (−x, hidden behind the body from the front
+    view, azimuth 0): an input view from the front cannot tell them apart, every view from behind
+    can. Body and front-side parts keep one colour; the back part takes K hues around the wheel."""
+    gen = torch.Generator().manual_seed(text_seed(f"backs3d:{prompt}"))
+    u = lambda lo=0.0, hi=1.0, n=(): lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    identity = torch.eye(3, dtype=torch.float64)
+    body_radii = torch.stack([u(0.3, 0.38), u(0.32, 0.4), u(0.32, 0.4)])
+    body = _ellipsoid_fill(torch.zeros(3, dtype=torch.float64), body_radii, identity, 2 * gaussians_per_part, gen)
+    # a part on the front-facing half (visible from azimuth 0), and the hidden back part
+    side = torch.tensor([0.2, float(u(-0.25, 0.25)), float(u(0.1, 0.3))], dtype=torch.float64)
+    front = _ellipsoid_fill(side, u(0.1, 0.14, (3,)), identity, gaussians_per_part, gen)
+    back_centre = torch.tensor([-0.3, 0.0, float(u(-0.05, 0.05))], dtype=torch.float64)
+    back = _ellipsoid_fill(back_centre, u(0.12, 0.16, (3,)), identity, gaussians_per_part, gen)
+    base_hue = float(u())
+    body_color = hsv_to_rgb(u(), u(0.2, 0.4), u(0.5, 0.7)).expand(len(body[0]), 3)
+    front_color = hsv_to_rgb(u(), u(0.3, 0.6), u(0.35, 0.7)).expand(gaussians_per_part, 3)
+    shapes = []
+    for k in range(num):
+        back_color = hsv_to_rgb(torch.tensor((base_hue + k / num) % 1.0, dtype=torch.float64),
+                                torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.85, dtype=torch.float64))
+        shapes.append(_shape([body[0], front[0], back[0]], [body[1], front[1], back[1]],
+                             [body_color, front_color, back_color.expand(gaussians_per_part, 3)]))
+    return shapes
+
+
+SHAPE_SETS = {"colourways": colourway_shapes, "separated": separated_shapes, "backs": back_shapes}
 
 
 def reference_shapes(prompt: str, num: int, data: str = "colourways") -> list[GaussianShape]:
@@ -123,9 +150,11 @@ def view_camera(view: Tensor, size: int):
     return cameras_from_c2w(c2w[None], view[12:13].float(), size, size)
 
 
-def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, background: Tensor) -> Tensor:
+def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, background: Tensor,
+                  with_alpha: bool = False) -> Tensor:
     """Renders (S, 3, size, size) in [0, 1] of every shape from one view (13,) of `view_params`: one
-    projection of all shapes' gaussians, then each shape composited over the whole image."""
+    projection of all shapes' gaussians, then each shape composited over the whole image. With
+    alpha: (S, 4, size, size), the opacity last."""
     from dsd.render.gaussians import composite_tile, project_gaussians, viewmats_opencv
 
     camera = view_camera(view, size)
@@ -144,5 +173,5 @@ def render_shapes(shapes: list[GaussianShape], view: Tensor, size: int, backgrou
         local, ids = local[order], ids[order]
         image = composite_tile(means2d[0, ids], conics[0, ids], shape.opacities[local], shape.colors[local],
                                 background, 0, 0, size, size)  # (H, W, 4): the whole image as one tile
-        out.append(image[..., :3].permute(2, 0, 1))
+        out.append(image[..., : 4 if with_alpha else 3].permute(2, 0, 1))
     return torch.stack(out).clamp(0, 1)

@@ -25,7 +25,8 @@ class Representation(torch.nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def render(self, cameras: Cameras | None = None) -> Tensor:
-        """Render the views in `cameras` (None for 2D). (V, C, H, W) with V = len(cameras)."""
+        """Render the views in `cameras` (None for 2D). (V, C, H, W) with V = len(cameras).
+        3D representations also take `with_alpha=True`: (V, 4, H, W), the opacity last."""
 
     @abc.abstractmethod
     def final_image(self, prior, cameras: Cameras | None = None) -> Tensor:

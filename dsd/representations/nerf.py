@@ -229,8 +229,9 @@ class NerfRepresentation(Representation):
         self.generator.set_state(state["generator"])
 
     # ---- rendering ------------------------------------------------------------------------
-    def render(self, cameras: Cameras | None = None) -> Tensor:
-        """Volume-render `cameras` (V views): (V, 3, H, W) in [0, 1]. Keeps what regularizers() needs."""
+    def render(self, cameras: Cameras | None = None, with_alpha: bool = False) -> Tensor:
+        """Volume-render `cameras` (V views): (V, 3, H, W) in [0, 1] (with alpha, the accumulated
+        opacity: (V, 4, H, W)). Keeps what regularizers() needs."""
         if cameras is None:
             cameras = self.eval_cameras()
         V, H, W = len(cameras), cameras.height, cameras.width
@@ -248,7 +249,11 @@ class NerfRepresentation(Representation):
         self._last = parts[0][1] if len(parts) == 1 else {
             key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1] if key != "orient"}
         self._last_shape = (V, H, W)
-        return rgb.reshape(V, H, W, 3).permute(0, 3, 1, 2).clamp(0, 1)
+        rgb = rgb.reshape(V, H, W, 3).permute(0, 3, 1, 2).clamp(0, 1)
+        if not with_alpha:
+            return rgb
+        alpha = self._last["opacity"].reshape(V, H, W, 1).permute(0, 3, 1, 2)
+        return torch.cat([rgb, alpha.clamp(0, 1)], dim=1)
 
     @torch.no_grad()
     def occupancy(self) -> Tensor | None:
