@@ -39,7 +39,8 @@ class TrainerConfig:
     # Reference-view loss of image-to-3D (priors with an input view: zero123, analytic mode=image),
     # relative to the guidance term (weight 1): λ_rgb·MSE(render, input over background) +
     # λ_mask·MSE(alpha, mask) at the input camera, every step. threestudio's configs/zero123.yaml
-    # (@0076b2d) has lambda_sds 0.003, lambda_rgb 200, lambda_mask 50, i.e. ratios 6.7e4 and 1.7e4.
+    # (@28d9d80, :128-130) has lambda_sds 0.1, lambda_rgb 500, lambda_mask 50, i.e. ratios 5000 and
+    # 500 (experiment=image_to_3d); 0 here because text-to-3D has no input view.
     lambda_rgb: float = 0.0
     lambda_mask: float = 0.0
 

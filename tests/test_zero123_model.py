@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_zero123 import flat_ema
+from tiny_zero123 import unet_to_ldm as to_ldm
 
 from dsd.errors import UserError
 from dsd.priors.input_image import load_input_image
@@ -78,48 +80,8 @@ def test_guidance_batch_zeroes_token_and_input_latent_in_uncond_half():
 # ---------------------------------------------------------------------------------------------
 # Checkpoint conversion
 
-# The ldm layout of the TINY UNet, written out by hand from ldm's UNetModel construction
-# (channel_mult (1, 2), num_res_blocks 1, attention at level 0 only): ldm prefix -> diffusers prefix.
-TINY_LDM_MODULES = {
-    "input_blocks.0.0": "conv_in",
-    "time_embed.0": "time_embedding.linear_1",
-    "time_embed.2": "time_embedding.linear_2",
-    "input_blocks.1.0": "down_blocks.0.resnets.0",
-    "input_blocks.1.1": "down_blocks.0.attentions.0",
-    "input_blocks.2.0.op": "down_blocks.0.downsamplers.0.conv",
-    "input_blocks.3.0": "down_blocks.1.resnets.0",
-    "middle_block.0": "mid_block.resnets.0",
-    "middle_block.1": "mid_block.attentions.0",
-    "middle_block.2": "mid_block.resnets.1",
-    "output_blocks.0.0": "up_blocks.0.resnets.0",
-    "output_blocks.1.0": "up_blocks.0.resnets.1",
-    "output_blocks.1.1.conv": "up_blocks.0.upsamplers.0.conv",
-    "output_blocks.2.0": "up_blocks.1.resnets.0",
-    "output_blocks.2.1": "up_blocks.1.attentions.0",
-    "output_blocks.3.0": "up_blocks.1.resnets.1",
-    "output_blocks.3.1": "up_blocks.1.attentions.1",
-    "out.0": "conv_norm_out",
-    "out.2": "conv_out",
-}
-LDM_RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-
-
-def to_ldm(diffusers_key: str) -> str:
-    """The test's own reference mapping (from the hand-written tables above)."""
-    for ldm, ours in sorted(TINY_LDM_MODULES.items(), key=lambda kv: -len(kv[1])):
-        if diffusers_key.startswith(ours + "."):
-            rest = diffusers_key[len(ours) + 1:]
-            if ".resnets." in ours:
-                module, param = rest.split(".", 1)
-                rest = {v: k for k, v in LDM_RESBLOCK.items()}[module] + "." + param
-            return ldm + "." + rest
-    raise AssertionError(f"no hand-written ldm name for {diffusers_key}")
-
-
-def flat_ema(ldm_key: str) -> str:
-    # LitEma: "model_ema." + name under `model.` with its dots removed
-    return "model_ema." + ("diffusion_model." + ldm_key).replace(".", "")
+# The ldm names of the TINY layout (2 levels, 1 ResBlock, attention at level 0) are the test's own
+# hand-written tables, shared with the prior's tests: tests/tiny_zero123.py.
 
 
 @pytest.fixture(scope="module")

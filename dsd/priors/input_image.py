@@ -92,9 +92,9 @@ def load_input_image(
     scaled so its longer side is `object_fraction`·size and centred; otherwise the whole image is
     padded to a square (with empty pixels) and resized, keeping its aspect ratio."""
     if background not in BACKGROUNDS:
-        raise UserError(f"prior.image_background={background!r} is not accepted; use one of: {', '.join(BACKGROUNDS)}.")
+        raise UserError(f"prior.background={background!r} is not accepted; use one of: {', '.join(BACKGROUNDS)}.")
     if not 0.0 < object_fraction <= 1.0:
-        raise UserError(f"prior.image_object_fraction={object_fraction!r} is not accepted; use a value in (0, 1].")
+        raise UserError(f"prior.object_fraction={object_fraction!r} is not accepted; use a value in (0, 1].")
     bg = BACKGROUNDS[background]
     path = Path(path)
     rgb, mask = _read_rgba(path, bg)

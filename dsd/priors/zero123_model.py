@@ -218,6 +218,99 @@ def load_zero123(
     return unet.eval(), conditioner.eval()
 
 
+# ----------------------------------------------------------------------------------------------
+# The rest of the original checkpoint: layouts read from tensor shapes, VAE, schedule
+
+LDM_NUM_HEADS = 8  # sd-objaverse-finetune-c_concat-256.yaml num_heads (not stored in the weights)
+LDM_NORM_GROUPS = 32  # ldm's GroupNorm32 / Normalize, in the UNet and the VAE
+VAE_PREFIX = "first_stage_model."
+VAE_SCALE_FACTOR = 0.18215  # the yaml's scale_factor
+# The yaml's linear_start/linear_end/timesteps; ldm "linear" is diffusers "scaled_linear" (PRIORS.md)
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+                    "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def _not_zero123(source: str, missing: str) -> UserError:
+    return UserError(f"{source} does not have the Zero123 (ldm) layout: no {missing}. Accepted: an original "
+                     "zero123 / zero123-xl / stable-zero123 .ckpt.")
+
+
+def _indices(state: Mapping, prefix: str) -> set[int]:
+    """The integers i of the keys `prefix + i + "."...`."""
+    return {int(k[len(prefix):].split(".", 1)[0]) for k in state
+            if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+
+
+def infer_unet_config(state: Mapping[str, Tensor], source: str = "the Zero123 checkpoint",
+                      sample_size: int = 32) -> Zero123UNetConfig:
+    """The UNet layout of an original checkpoint from its tensor shapes (channels, levels, ResBlocks
+    per level, context size); the head count is the yaml's, which the weights do not record."""
+    def shape(name: str) -> tuple[int, ...]:
+        if UNET_PREFIX + name not in state:
+            raise _not_zero123(source, UNET_PREFIX + name)
+        return tuple(state[UNET_PREFIX + name].shape)
+
+    conv_in = shape("input_blocks.0.0.weight")
+    blocks = _indices(state, UNET_PREFIX + "input_blocks.")
+    downsamples = sum(UNET_PREFIX + f"input_blocks.{i}.0.op.weight" in state for i in blocks)
+    levels = downsamples + 1
+    per_block = (len(blocks) - 1 - downsamples) // levels
+    channels = tuple(shape(f"input_blocks.{1 + b * (per_block + 1)}.0.out_layers.3.weight")[0] for b in range(levels))
+    context = next((tuple(v.shape)[1] for k, v in state.items()
+                    if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+    if context is None:
+        raise _not_zero123(source, "cross-attention (attn2.to_k) weights")
+    return Zero123UNetConfig(block_out_channels=channels, layers_per_block=per_block, num_heads=LDM_NUM_HEADS,
+                             cross_attention_dim=context, in_channels=conv_in[1],
+                             out_channels=shape("out.2.weight")[0], sample_size=sample_size,
+                             norm_num_groups=LDM_NORM_GROUPS)
+
+
+def vae_kwargs(state: Mapping[str, Tensor], source: str = "the Zero123 checkpoint") -> dict:
+    """`AutoencoderKL` arguments of the checkpoint's kl-f8 VAE (`first_stage_model.*`), from shapes."""
+    def shape(name: str) -> tuple[int, ...]:
+        if VAE_PREFIX + name not in state:
+            raise _not_zero123(source, VAE_PREFIX + name)
+        return tuple(state[VAE_PREFIX + name].shape)
+
+    levels = len(_indices(state, VAE_PREFIX + "encoder.down."))
+    per_block = len(_indices(state, VAE_PREFIX + "encoder.down.0.block."))
+    return dict(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)),
+        layers_per_block=per_block,
+        latent_channels=shape("encoder.conv_out.weight")[0] // 2,  # the encoder outputs mean ⊕ logvar
+        norm_num_groups=LDM_NORM_GROUPS,
+        scaling_factor=VAE_SCALE_FACTOR,
+    )
+
+
+def load_vae(state: Mapping[str, Tensor], source: str = "the Zero123 checkpoint"):
+    """The checkpoint's VAE as a diffusers `AutoencoderKL` (diffusers' own ldm VAE key mapping),
+    strictly loaded: a mismatch is a UserError listing a few keys."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    kwargs = vae_kwargs(state, source)
+    vae = AutoencoderKL(**kwargs)
+    ldm = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    converted = {k: v for k, v in convert_ldm_vae_checkpoint(ldm, kwargs).items() if v is not None}
+    expected = set(vae.state_dict())
+    missing, unexpected = expected - set(converted), set(converted) - expected
+    if missing or unexpected:
+        raise _layout_error(f"{source} (VAE, {VAE_PREFIX}*)", missing, unexpected)
+    try:
+        vae.load_state_dict(converted, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{source}: the VAE weights have other shapes than its layout "
+                        f"({str(err).splitlines()[-1].strip()[:300]}).") from None
+    return vae.eval()
+
+
 __all__ = [
     "Zero123Conditioner",
     "Zero123UNetConfig",
@@ -225,6 +318,8 @@ __all__ = [
     "convert_zero123_checkpoint",
     "ema_name",
     "guidance_batch",
+    "infer_unet_config",
+    "load_vae",
     "ldm_unet_name",
     "load_zero123",
     "relative_pose",
