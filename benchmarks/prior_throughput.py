@@ -1,12 +1,16 @@
-"""Throughput of the Stable Diffusion prior: UNet rows/s, and ms per guidance step for SDS vs DSD.
+"""Throughput of the diffusion priors: UNet rows/s, and ms per guidance step for SDS vs DSD.
 
 CPU (default): the tiny random SD of the tests (8×8×4 latents), loaded by the real prior code,
-`prior.eps` with CFG at several batch sizes and one SDS / DSD guidance step per seed batch.
+`prior.eps` with CFG at several batch sizes and one SDS / DSD guidance step per seed batch; then
+the UNet forward with CFG (conditional + unconditional rows in one call) of SD, MVDream and
+Zero123 built at the same tiny channel counts, so their relative cost shows.
 `--full` (CUDA): the full-size SD 2.1 base UNet architecture from its config with random fp16
-weights at 64×64 latents, batch 1/4/8 rows, with peak memory. Prints markdown tables.
+weights at 64×64 latents, batch 1/4/8 rows, and the full-size MVDream UNet (sd-v2-base.yaml
+shape, random fp16 weights) on objects of 4 views at 256² (32×32 latents) with CFG, each with
+peak memory. Prints markdown tables.
 
     .venv/bin/python benchmarks/prior_throughput.py               # tiny model, CPU
-    .venv/bin/python benchmarks/prior_throughput.py --full        # full-size UNet, CUDA
+    .venv/bin/python benchmarks/prior_throughput.py --full        # full-size UNets, CUDA
 """
 
 from __future__ import annotations
@@ -96,6 +100,58 @@ def tiny_tables(batches: list[int], repeats: int) -> None:
             cells += [f"{seconds * 1e3:.1f}", f"{per_step:.2f}"]
         print("| " + " | ".join(cells) + " |")
     print("\nrows/step are prior rows per seed per step (DSD includes its cached ODE work).")
+    unet_table(prior, [b for b in batches if b % MVDREAM_VIEWS == 0] or [MVDREAM_VIEWS], repeats)
+
+
+MVDREAM_VIEWS = 4
+
+
+def tiny_unets(sd_unet) -> dict:
+    """SD, MVDream and Zero123 UNets at the tiny SD's channel counts (ldm layout: attention at every
+    level but the deepest), with the inputs each takes besides x and t."""
+    from dsd.priors.mvdream_model import MVDreamUNetConfig, build_mvdream_unet
+    from dsd.priors.zero123_model import Zero123UNetConfig, build_unet
+
+    c = sd_unet.config
+    channels, per, context = tuple(c.block_out_channels), c.layers_per_block, c.cross_attention_dim
+    heads = c.attention_head_dim  # the tiny SD's head count per level
+    head_channels = channels[0] // (heads[0] if isinstance(heads, (list, tuple)) else heads)
+    mvdream = build_mvdream_unet(MVDreamUNetConfig(
+        num_views=MVDREAM_VIEWS, block_out_channels=channels, layers_per_block=per, head_channels=head_channels,
+        cross_attention_dim=context, sample_size=c.sample_size))  # fmt: skip
+    zero123 = build_unet(Zero123UNetConfig(
+        block_out_channels=channels, layers_per_block=per, num_heads=channels[0] // head_channels,
+        cross_attention_dim=context, sample_size=c.sample_size))  # fmt: skip
+    tokens = 16  # the tiny tokenizer's length; Zero123 attends to one token (its image embedding)
+    return {
+        "sd21": (sd_unet, c.in_channels, lambda rows: {"encoder_hidden_states": torch.randn(rows, tokens, context)}),
+        "mvdream": (mvdream, c.in_channels, lambda rows: {"encoder_hidden_states": torch.randn(rows, tokens, context),
+                                                          "class_labels": torch.randn(rows, 16)}),
+        "zero123": (zero123, 2 * c.in_channels, lambda rows: {"encoder_hidden_states": torch.randn(rows, 1, context)}),
+    }
+
+
+def unet_table(sd_prior, batches: list[int], repeats: int) -> None:
+    size = sd_prior.unet.config.sample_size
+    print(f"\nUNet forward with CFG (2 × batch rows in one call), tiny channel counts "
+          f"{tuple(sd_prior.unet.config.block_out_channels)}, {size}×{size} latents, best of {repeats} calls\n")
+    print("| model | batch | UNet rows / call | UNet rows/s | vs sd21 |")
+    print("|---|---|---|---|---|")
+    unets = tiny_unets(sd_prior.unet)
+    for unet, _, _ in unets.values():
+        unet.requires_grad_(False).eval()
+    for batch in batches:
+        rows, base = 2 * batch, None
+        for name, (unet, in_channels, extra) in unets.items():
+            x = torch.randn(rows, in_channels, size, size)
+            t = torch.full((rows,), 500)
+            kwargs = extra(rows)
+            with torch.no_grad():
+                seconds = timed(lambda: unet(x, t, **kwargs), repeats)  # noqa: B023
+            base = base or seconds
+            print(f"| {name} | {batch} | {rows} | {rows / seconds:.0f} | {base / seconds:.2f}× |")
+    print(f"\nmvdream: batch = objects × {MVDREAM_VIEWS} views, self-attention joined over the views of an object; "
+          "zero123: 8 input channels (noisy latent ⊕ input-view latent).")
 
 
 def full_table(batches: list[int], repeats: int, device_name: str) -> None:
@@ -129,15 +185,54 @@ def full_table(batches: list[int], repeats: int, device_name: str) -> None:
         print(f"| {batch} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | {peak} |")
 
 
+def full_mvdream_table(objects: list[int], repeats: int, device_name: str) -> None:
+    """The full-size MVDream UNet (sd-v2-base.yaml shape) with random weights: objects of 4 views at
+    256² (32×32 latents), CFG rows in one call (2 × 4 × objects), fp16 on CUDA."""
+    from dsd.priors.mvdream_model import MVDreamUNetConfig, build_mvdream_unet
+
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    config = MVDreamUNetConfig()
+    with torch.device(device):  # initialize on the device: no 3.5 GB CPU copy first
+        unet = build_mvdream_unet(config)
+    unet = unet.to(dtype).eval().requires_grad_(False)
+    unet.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    where = torch.cuda.get_device_name() if cuda else "CPU"
+    size = config.sample_size
+    print(f"\nMVDream UNet ({params:.0f}M params, random weights, {dtype}, {config.num_views} views joined in "
+          f"self-attention) on {where}, {size}×{size} latents (256² renders), CFG in one call\n")
+    print("| objects | rows | ms / call | rows/s | objects/s | peak memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for n in objects:
+        rows = 2 * config.num_views * n  # conditional + unconditional, same cameras
+        x = torch.randn(rows, config.in_channels, size, size, device=device, dtype=dtype)
+        t = torch.full((rows,), 500, device=device)
+        hidden = torch.randn(rows, 77, config.cross_attention_dim, device=device, dtype=dtype)
+        camera = torch.randn(rows, 16, device=device, dtype=dtype)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            seconds = timed(lambda: unet(x, t, encoder_hidden_states=hidden, class_labels=camera),  # noqa: B023
+                            repeats, sync)
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "n/a"
+        print(f"| {n} | {rows} | {seconds * 1e3:.1f} | {rows / seconds:.1f} | {n / seconds:.2f} | {peak} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="full-size SD 2.1 UNet on CUDA")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--mvdream-objects", type=int, nargs="+", default=[1, 2, 4],
+                        help="for --full: objects of 4 views per MVDream call")
     parser.add_argument("--device", default="cuda", help="for --full: cuda (the measurement) or cpu (smoke check)")
     args = parser.parse_args()
     if args.full:
         full_table(args.batches, args.repeats, args.device)
+        full_mvdream_table(args.mvdream_objects, args.repeats, args.device)
     else:
         tiny_tables(args.batches, args.repeats)
 

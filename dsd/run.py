@@ -15,7 +15,7 @@ from dsd.cameras import Cameras, eval_cameras, multiview_order, turntable
 from dsd.config import Config, resolve_device, validate
 from dsd.errors import UserError
 from dsd.logging import RunLogger, console, make_progress
-from dsd.metrics.reference import nearest_reference, reach_threshold_db, summarize_references
+from dsd.metrics.reference import nearest_reference, psnr, reach_threshold_db, summarize_references
 from dsd.outputs import save_grid, save_json, save_png, save_result, save_video
 from dsd.trainer import SeedState, Trainer
 
@@ -96,7 +96,21 @@ def write_seed_outputs(state: SeedState, prior, cfg: Config, seed_dir: Path) -> 
     save_png(seed_dir / "final.png", image.numpy())
     rep.export(seed_dir, prior)
     metrics = reference_metrics(prior, cfg.prompt, views if cameras is not None else image, cameras)
+    metrics.update(input_view_metrics(prior, rep))
     return seed_entry(state, metrics), views.numpy()
+
+
+@torch.no_grad()
+def input_view_metrics(prior, representation) -> dict:
+    """For an image-conditioned prior: how well the result reproduces its input view (PSNR of
+    the render at the input camera against the input image, both over their backgrounds)."""
+    reference = prior.reference_view()
+    if reference is None or not representation.is_3d:
+        return {}
+    render = representation.render(reference.camera)[0].float().cpu()
+    target = torch.nn.functional.interpolate(reference.rgb[None].float(), size=tuple(render.shape[-2:]),
+                                             mode="bilinear")[0]
+    return {"input_view_psnr": psnr(render.permute(1, 2, 0), target.permute(1, 2, 0))}
 
 
 def sweep_group(cfg: Config) -> str | None:
@@ -211,6 +225,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "config": {"guidance": asdict(cfg.guidance), "trainer": asdict(cfg.trainer)},
     }
     summary.update(reference_summary(prior, cfg.prompt, entries, evaluation_cameras(cfg, prior) if is_3d else None))
+    if entries and "input_view_psnr" in entries[0]:
+        summary["median_input_view_psnr"] = float(np.median([e["input_view_psnr"] for e in entries]))
     save_json(run_dir / "summary.json", summary)
     logger.log_images({"grid": np.asarray(grid, dtype=np.float32) / 255.0})
     logger.log_summary(summary)

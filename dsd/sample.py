@@ -47,7 +47,8 @@ def sample(cfg: Config, run_dir: Path) -> dict:
         cfg.sampler.steps,
         cfg.sampler.cfg_scale,
     )
-    images = prior.decode(x0).permute(0, 2, 3, 1).float().cpu().reshape(len(seeds), views, *x0.shape[-2:], 3)
+    images = prior.decode(x0).permute(0, 2, 3, 1).float().cpu()
+    images = images.reshape(len(seeds), views, *images.shape[1:])  # (seeds, views, H, W, 3) in pixels
     if cameras is not None:  # back to turntable order
         images = images[:, torch.argsort(order)]
     entries = []

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
 import torch
+from tiny_mvdream import TINY_UNET as TINY  # tests/ is on sys.path, see conftest.py
+from tiny_mvdream import VIEWS, ldm_name, original_checkpoint, reference_get_camera, tiny_unet
 
 from dsd.cameras import orbit_cameras
 from dsd.errors import UserError
@@ -17,20 +18,6 @@ from dsd.priors.mvdream_model import (
     convert_mvdream_checkpoint,
     mvdream_camera,
 )
-
-VIEWS = 4
-# three levels (two with attention) and two ResBlocks per level: exercises every index rule
-TINY = dict(block_out_channels=(32, 64, 64), layers_per_block=2, head_channels=16, cross_attention_dim=32,
-            sample_size=8)
-
-
-def tiny_unet(num_views: int = VIEWS, seed: int = 0):
-    torch.manual_seed(seed)
-    unet = build_mvdream_unet(MVDreamUNetConfig(num_views=num_views, **TINY)).eval()
-    with torch.no_grad():  # move norms and biases off their 1/0 init, so a swapped name shows
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet
 
 
 def unet_inputs(objects: int, views: int = VIEWS, seed: int = 1):
@@ -98,21 +85,6 @@ def test_one_view_is_the_plain_diffusers_unet_with_camera_added_to_time():
 
 # --- camera -----------------------------------------------------------------------------------
 
-def reference_get_camera(elevation_deg: float, azimuth_deg: float) -> torch.Tensor:
-    """MVDream camera_utils.get_camera for one view, re-derived: y-up OpenGL look-at on the unit
-    sphere, then flip_yz (OpenGL y-up -> Blender z-up), flattened row-major."""
-    e, a = math.radians(elevation_deg), math.radians(azimuth_deg)
-    pos = torch.tensor([math.cos(e) * math.sin(a), math.sin(e), math.cos(e) * math.cos(a)], dtype=torch.float64)
-    forward = -pos / pos.norm()
-    right = torch.linalg.cross(forward, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
-    right = right / right.norm()
-    up = torch.linalg.cross(right, forward)
-    m = torch.eye(4, dtype=torch.float64)
-    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, up / up.norm(), -forward, pos
-    flip_yz = torch.tensor([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
-    return (flip_yz @ m).flatten()
-
-
 @pytest.mark.parametrize("elevation,azimuth", [(0, 0), (15, 0), (15, 90), (30, -45), (-10, 170), (5, -150)])
 def test_camera_matches_mvdream_get_camera_with_azimuth_offset(elevation, azimuth):
     cams = orbit_cameras(torch.tensor([float(elevation)]), torch.tensor([float(azimuth)]), torch.tensor([2.7]),
@@ -123,54 +95,6 @@ def test_camera_matches_mvdream_get_camera_with_azimuth_offset(elevation, azimut
 
 
 # --- converter --------------------------------------------------------------------------------
-
-RES_BACK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def ldm_name(key: str, levels: int, per: int, up_has_attention: set[int]) -> str:
-    """diffusers -> original MVDream (ldm) name, written from the ldm layout independently of the
-    converter: ldm input_blocks count conv_in then (per ResBlocks + a downsampler) per level;
-    output_blocks are (per + 1) per level, the upsampler after the transformer if there is one."""
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "class_embedding.linear_1": "camera_embed.0", "class_embedding.linear_2": "camera_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    module, leaf = key.rsplit(".", 1)
-    if module in fixed:
-        return f"{fixed[module]}.{leaf}"
-
-    def res(rest: str) -> str:
-        head, tail = rest.split(".", 1)
-        return f"{RES_BACK[head]}.{tail}"
-
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        b, j = int(m[1]), int(m[2])
-        return f"input_blocks.{1 + b * (per + 1) + j}.0.{res(m[3])}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        b, j = int(m[1]), int(m[2])
-        return f"input_blocks.{1 + b * (per + 1) + j}.1.{m[3]}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * (per + 1)}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{res(m[2])}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * (per + 1) + int(m[2])}.0.{res(m[3])}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * (per + 1) + int(m[2])}.1.{m[3]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        b = int(m[1])
-        return f"output_blocks.{b * (per + 1) + per}.{2 if b in up_has_attention else 1}.conv.{m[2]}"
-    raise AssertionError(f"no ldm name for {key}")
-
-
-def original_checkpoint(unet, prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
-    state = unet.state_dict()
-    up_has_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions", k)}
-    levels, per = len(TINY["block_out_channels"]), TINY["layers_per_block"]
-    return {prefix + ldm_name(k, levels, per, up_has_attention): v.clone() for k, v in state.items()}
-
 
 def test_original_checkpoint_converts_to_the_same_network():
     source = tiny_unet(seed=3)

@@ -64,9 +64,12 @@ class AnalyticPriorConfig(PriorConfig):
     num_views: int = 4  # multiview: F views per sample (MVDream's 4)
     image_reference: int = 0  # image: the reference the input view shows
     image_noise: float = 0.05  # image: σ of the input-view observation, in prior space [−1, 1]
-    image_elevation: float = 0.0  # image: the input camera (front view, azimuth 0)
-    image_distance: float = 2.0
-    image_fovy: float = 50.0
+    # image: the input view's camera (the same keys as prior=zero123); azimuth 0 is the front, so
+    # with data=backs the input view cannot see what the shapes differ in
+    input_elevation_deg: float = 0.0
+    input_azimuth_deg: float = 0.0
+    input_distance: float = 2.0
+    input_fovy_deg: float = 50.0
     data: str = "colourways"  # references (2D images, 3D shapes): colourways (decide gradually) | separated
     num_references: int = 8  # K references per prompt
     image_size: int = 32
@@ -196,8 +199,8 @@ class AnalyticPrior(Prior):
 
         one = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
         size = self.cfg.image_size
-        return orbit_cameras(one(self.cfg.image_elevation), one(0.0), one(self.cfg.image_distance),
-                             one(self.cfg.image_fovy), size, size)
+        return orbit_cameras(one(self.cfg.input_elevation_deg), one(self.cfg.input_azimuth_deg),
+                             one(self.cfg.input_distance), one(self.cfg.input_fovy_deg), size, size)
 
     def reference_view(self) -> ReferenceView | None:
         """mode=image: reference `image_reference` of the first prompt conditioned on, rendered from
