@@ -165,6 +165,8 @@ def sample_cameras(generator: torch.Generator, n: int, cfg, size: int) -> Camera
     azimuth = sample_azimuth(generator, n, cfg.azimuth_range, cfg.batch_uniform_azimuth)
     distance = _uniform(generator, n, *(float(v) for v in cfg.distance_range))
     fovy = _uniform(generator, n, *(float(v) for v in cfg.fovy_range))
+    if cfg.relative_distance:
+        distance = distance / torch.tan(torch.deg2rad(fovy) / 2)
     if cfg.quantize_deg > 0:
         q = float(cfg.quantize_deg)
         elevation = (elevation / q).round() * q
@@ -191,18 +193,23 @@ def eval_cameras(cfg, n: int, size: int) -> Cameras:
 
 def sample_multiview_cameras(generator: torch.Generator, views: int, cfg, size: int) -> Cameras:
     """The F = `views` cameras of one object for a multi-view prior, as MVDream-threestudio's
-    random_multiview.py: one elevation, distance and fovy per object, azimuths evenly spaced
-    (360/F apart) after one random offset uniform in cfg.azimuth_range. The perturbations and
-    quantization are those of `sample_cameras` (quantize_deg snaps the offset and the elevation,
-    so an object's camera SET repeats and its ODE can be cached)."""
+    random_multiview.py:43-105 (@efcd6c3): one elevation, distance and fovy per object; view slot
+    k at azimuth low + (u + k)·(high − low)/F with one u ~ U[0, 1), so the views are evenly spaced
+    and slot k always lies in the k-th F-th of the azimuth range (a seed's slot-k noise keeps
+    meaning the same side of the object). The perturbations and quantization are those of
+    `sample_cameras` (quantize_deg snaps the first azimuth and the elevation, so an object's camera
+    SET repeats and its ODE can be cached)."""
     elevation = sample_elevation(generator, 1, cfg.elevation_range, cfg.elevation_sphere_prob).expand(views)
-    offset = _uniform(generator, 1, *(float(v) for v in cfg.azimuth_range))
+    low, high = (float(v) for v in cfg.azimuth_range)
+    offset = _uniform(generator, 1, low, low + (high - low) / views)
     distance = _uniform(generator, 1, *(float(v) for v in cfg.distance_range)).expand(views)
     fovy = _uniform(generator, 1, *(float(v) for v in cfg.fovy_range)).expand(views)
+    if cfg.relative_distance:
+        distance = distance / torch.tan(torch.deg2rad(fovy) / 2)
     if cfg.quantize_deg > 0:
         q = float(cfg.quantize_deg)
         elevation, offset = (elevation / q).round() * q, (offset / q).round() * q
-    azimuth = wrap_azimuth(offset + torch.arange(views, dtype=torch.float64) * 360.0 / views)
+    azimuth = wrap_azimuth(offset + torch.arange(views, dtype=torch.float64) * (high - low) / views)
     position = orbit_position(elevation, azimuth, distance)
     center = torch.zeros_like(position)
     up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).repeat(views, 1)

@@ -62,11 +62,14 @@ class CameraConfig:
     to 0 to keep its cache effective, as experiment=demo does.
     """
 
-    views_per_step: int = 1  # cameras per seed per step (threestudio batch_size)
+    views_per_step: int = 1  # cameras per seed per step (threestudio batch_size); a multi-view prior uses its F
     resolution: Optional[int] = None  # render size; None: the prior's image size
     elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
     azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: list[float] = field(default_factory=lambda: [1.5, 2.0])
+    # true: distance_range is relative, distance = d / tan(fovy/2), so the object fills the same
+    # share of the image at any fov (MVDream-threestudio random_multiview.py:103-105)
+    relative_distance: bool = False
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
     camera_perturb: float = 0.1  # position + U[−p, p]³ (threestudio uncond.py:47)
     center_perturb: float = 0.2  # look-at centre ~ N(0, σ²)³ (uncond.py:48)

@@ -125,8 +125,22 @@ def test_multiview_cameras_are_one_object_of_evenly_spaced_views():
         gaps = torch.diff(cams.azimuth_deg.double()) % 360
         assert torch.allclose(gaps, torch.full((3,), 90.0, dtype=torch.float64))
         assert all(float(a) % 15 == 0 for a in cams.azimuth_deg)  # quantized offset
+        # slot k in the k-th quarter of [−180, 180) (MVDream-threestudio), up to quantization
+        for k, a in enumerate(cams.azimuth_deg.tolist()):
+            off_centre = (a - (-135 + 90 * k) + 180) % 360 - 180  # from the quarter's centre, on the circle
+            assert abs(off_centre) <= 45 + 7.5
     keys = {tuple(c.azimuth_deg.tolist()) + tuple(c.elevation_deg.tolist()) for c in sets}
     assert len(keys) < len(sets)  # quantized camera sets repeat, so an object's ODE can be cached
+
+
+def test_relative_distance_scales_with_the_field_of_view():
+    cfg = CameraConfig(distance_range=[0.8, 1.0], fovy_range=[15.0, 60.0], relative_distance=True,
+                       camera_perturb=0, center_perturb=0, up_perturb=0)
+    for _ in range(5):
+        cams = sample_multiview_cameras(torch.Generator().manual_seed(_), 4, cfg, 16)
+        relative = cams.distance.double() * torch.tan(torch.deg2rad(cams.fovy_deg.double()) / 2)
+        assert ((relative >= 0.8 - 1e-5) & (relative <= 1.0 + 1e-5)).all()
+        assert torch.allclose(cams.c2w[:, :3, 3].double().norm(dim=-1), cams.distance.double(), atol=1e-4)
 
 
 def test_multiview_order_makes_whole_evenly_spaced_objects():
@@ -258,3 +272,10 @@ def test_reference_view_loss_reproduces_the_input_view(compose, tmp_path):
     with torch.no_grad():
         out = rep.render(view.camera)[0]
     assert psnr(out.permute(1, 2, 0), view.rgb.permute(1, 2, 0)) > 25
+
+
+def test_mvdream_preset_composes_with_its_cameras(compose):
+    cfg = compose("experiment=mvdream")
+    assert (cfg.prior.name, cfg.representation.name, cfg.guidance.name) == ("mvdream", "nerf", "dsd")
+    assert cfg.camera.relative_distance and list(cfg.camera.fovy_range) == [15.0, 60.0]
+    assert cfg.camera.eval_views % cfg.prior.num_views == 0
