@@ -223,15 +223,27 @@ def sample_multiview_cameras(generator: torch.Generator, views: int, cfg, size: 
     return Cameras(c2w, fovy.float(), elevation.float(), azimuth.float(), distance.float(), size, size)
 
 
-def multiview_order(n: int, views: int) -> Tensor:
-    """Row order that makes a turntable of n = m·F views whole objects for an F-view prior: object
-    g holds turntable views g, g+m, …, g+(F−1)·m, i.e. F evenly spaced views. (n,) long index."""
-    if n % views:
-        from dsd.errors import UserError
+def view_slot(azimuth_deg: Tensor, views: int, azimuth_range) -> Tensor:
+    """The view slot (0..F−1) of each azimuth: which F-th of the azimuth range it lies in, the
+    slot `sample_multiview_cameras` gives a camera there. (B,) long"""
+    low, high = (float(v) for v in azimuth_range)
+    span = high - low
+    fraction = ((azimuth_deg.double() - low) % span) / span
+    return (fraction * views).floor().long().clamp(0, views - 1)
 
+
+def multiview_order(cameras: Cameras, views: int, azimuth_range) -> Tensor:
+    """Row order that makes n = m·F evaluation cameras (a turntable) whole objects for an F-view
+    prior, every camera in its view slot (`view_slot`, the slot training gives that direction):
+    object g takes the g-th camera of each slot, in slot order. (n,) long index"""
+    from dsd.errors import UserError
+
+    n = len(cameras)
+    slots = view_slot(cameras.azimuth_deg, views, azimuth_range)
+    per_slot = [torch.nonzero(slots == k).flatten() for k in range(views)]
+    if n % views or any(len(rows) != n // views for rows in per_slot):
         raise UserError(
-            f"camera.eval_views={n} must be a multiple of the prior's {views} views per sample "
-            f"(a multi-view prior sees evaluation views in whole objects of {views})."
+            f"camera.eval_views={n} must be a multiple of the prior's {views} views per sample, so that "
+            f"the evaluation turntable makes whole objects (one view per {360 / views:g}° of azimuth each)."
         )
-    m = n // views
-    return torch.arange(n).reshape(views, m).T.flatten()
+    return torch.stack(per_slot, dim=1).flatten()

@@ -66,7 +66,8 @@ def check_prior_fits_representation(prior, cfg: Config) -> None:
             f"representation={cfg.representation.name} is 2D. Use representation=gaussians or representation=nerf."
         )
     if prior.views_per_sample > 1:
-        multiview_order(cfg.camera.eval_views, prior.views_per_sample)  # raises when not whole objects
+        # raises when the evaluation views do not make whole objects
+        multiview_order(evaluation_cameras(cfg, prior), prior.views_per_sample, cfg.camera.azimuth_range)
 
 
 def evaluation_cameras(cfg: Config, prior) -> Cameras:

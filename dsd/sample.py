@@ -34,7 +34,9 @@ def sample(cfg: Config, run_dir: Path) -> dict:
     if prior.needs_cameras:
         cameras = evaluation_cameras(cfg, prior)  # turntable order: metrics and the grid use it
         views = len(cameras)
-        order = multiview_order(views, prior.views_per_sample) if prior.views_per_sample > 1 else torch.arange(views)
+        order = torch.arange(views)
+        if prior.views_per_sample > 1:
+            order = multiview_order(cameras, prior.views_per_sample, cfg.camera.azimuth_range)
         sampled_cameras = cameras.rows(order)  # whole objects of F views for a multi-view prior
     eps_star = torch.cat(
         [eps_star_rows(prior_eps_star(seed, prior), views, prior.views_per_sample) for seed in seeds]

@@ -164,7 +164,7 @@ class Trainer:
             size = self.render_size(fresh[0], 0)
             views = eval_cameras(self.camera_cfg, self.camera_cfg.eval_views, size)
             if self.prior.views_per_sample > 1:  # whole objects of F evenly spaced views
-                views = views.rows(multiview_order(len(views), self.prior.views_per_sample))
+                views = views.rows(multiview_order(views, self.prior.views_per_sample, self.camera_cfg.azimuth_range))
             cameras = [views for _ in fresh]
         else:
             cameras = [None] * len(fresh)

@@ -143,13 +143,20 @@ def test_relative_distance_scales_with_the_field_of_view():
         assert torch.allclose(cams.c2w[:, :3, 3].double().norm(dim=-1), cams.distance.double(), atol=1e-4)
 
 
-def test_multiview_order_makes_whole_evenly_spaced_objects():
-    order = multiview_order(8, 4)
-    az = turntable(8, 15, 2, 50, 8, 8).azimuth_deg[order].reshape(2, 4).double()
+def test_multiview_order_makes_whole_evenly_spaced_objects_in_training_slots():
+    cams = turntable(8, 15, 2, 50, 8, 8)
+    order = multiview_order(cams, 4, [-180.0, 180.0])
+    az = cams.azimuth_deg[order].reshape(2, 4).double()
     assert torch.allclose(torch.diff(az, dim=1) % 360, torch.full((2, 3), 90.0, dtype=torch.float64))
     assert sorted(order.tolist()) == list(range(8))
+    # slot k is where training puts view slot k: the k-th quarter of [−180, 180)
+    for k in range(4):
+        assert ((az[:, k] >= -180 + 90 * k) & (az[:, k] < -90 + 90 * k)).all()
+    g = torch.Generator().manual_seed(0)
+    trained = sample_multiview_cameras(g, 4, CameraConfig(camera_perturb=0, center_perturb=0, up_perturb=0), 8)
+    assert torch.equal(multiview_order(trained, 4, [-180.0, 180.0]), torch.arange(4))
     with pytest.raises(UserError, match="camera.eval_views=6"):
-        multiview_order(6, 4)
+        multiview_order(turntable(6, 15, 2, 50, 8, 8), 4, [-180.0, 180.0])
 
 
 def context_of(prior, seeds_rows, generators, cams):
