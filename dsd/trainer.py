@@ -152,6 +152,7 @@ class Trainer:
             generators=[s.generator for s in rows],
             step=step,
             steps=self.cfg.steps,
+            cameras=stacked,
         )
 
     def initialize(self, states: list[SeedState]) -> None:

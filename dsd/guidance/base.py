@@ -5,11 +5,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from dsd.cameras import Cameras
 from dsd.priors.base import Condition, Prior
 
 
@@ -24,6 +25,7 @@ class GuidanceContext:
     generators: list[torch.Generator]  # each row's seed stream for per-step randomness
     step: int  # 0-based optimization step
     steps: int  # total optimization steps N
+    cameras: Optional[Cameras] = None  # the rows' cameras in 3D (None in 2D)
 
     @property
     def views_per_sample(self) -> int:
