@@ -83,10 +83,20 @@ class Trainer:
         return SeedState(
             seed=seed,
             representation=representation,
-            optimizer=representation.make_optimizer(self.optimizer_name, self.lr),
+            optimizer=self.make_optimizer(representation),
             generator=step_generator(seed),
             eps_star=prior_eps_star(seed, self.prior).to(self.device),
         )
+
+    def make_optimizer(self, representation: Representation) -> torch.optim.Optimizer:
+        """The representation's optimizer (its own parameter groups and lrs), with the guidance's
+        Adam betas when it asks for others (e.g. ASD's and CFD's (0, 0.99))."""
+        optimizer = representation.make_optimizer(self.optimizer_name, self.lr)
+        betas = self.guidance.adam_betas()
+        if betas is not None and self.optimizer_name == "adam":
+            for group in optimizer.param_groups:
+                group["betas"] = tuple(betas)
+        return optimizer
 
     def save(self, state: SeedState) -> None:
         save_torch(
@@ -114,7 +124,7 @@ class Trainer:
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
         state.representation.load_state_dict(ckpt["representation"])
         # rebuilt: loading may replace parameters (a densified representation changes size)
-        state.optimizer = state.representation.make_optimizer(self.optimizer_name, self.lr)
+        state.optimizer = self.make_optimizer(state.representation)
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.generator.set_state(ckpt["generator"])
         for key in ("step", "initialized", "prior_rows", "wall_s", "skipped_steps", "losses"):

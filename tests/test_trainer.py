@@ -36,3 +36,24 @@ def test_a_seed_with_v_identical_views_gets_the_gradient_of_one_view(tmp_path):
     assert one["color_logits"].abs().max() > 0  # the pull reaches the parameters
     for name, grad in one.items():
         torch.testing.assert_close(three[name], grad, rtol=1e-3, atol=1e-4)  # float32 sums; V× would be 200%
+
+
+class PullWithBetas(PullToGray):
+    def adam_betas(self):
+        return (0.0, 0.99)
+
+
+def test_guidance_adam_betas_reach_every_parameter_group_and_survive_resume(tmp_path):
+    prior = AnalyticPrior(AnalyticPriorConfig(image_size=16, num_references=2, pool=["a cat"]))
+    make = lambda: GaussiansRepresentation(GaussiansConfig(num_points=60, backend="torch"), prior)  # noqa: E731
+    trainer = Trainer(prior, PullWithBetas(None, prior), "a cat", TrainerConfig(steps=1, checkpoint_every=0),
+                      tmp_path, make, torch.device("cpu"))
+    state = trainer.new_state(0)
+    assert len(state.optimizer.param_groups) > 1
+    assert all(tuple(g["betas"]) == (0.0, 0.99) for g in state.optimizer.param_groups)
+    trainer.save(state)
+    resumed = trainer.load_or_new(0, resume=True)
+    assert all(tuple(g["betas"]) == (0.0, 0.99) for g in resumed.optimizer.param_groups)
+    plain = Trainer(prior, PullToGray(None, prior), "a cat", TrainerConfig(steps=1), tmp_path / "p", make,
+                    torch.device("cpu")).new_state(0)
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in plain.optimizer.param_groups)

@@ -81,6 +81,11 @@ class Guidance(abc.ABC):
         """(optimizer, lr) this method needs, overriding trainer.*; None keeps the trainer's."""
         return None
 
+    def adam_betas(self) -> tuple[float, float] | None:
+        """Adam (β1, β2) this method's authors use, overriding the trainer's (0.9, 0.99); None keeps
+        them. Applied to every parameter group of the representation's optimizer."""
+        return None
+
     def state_for(self, seed: int) -> dict:
         """Per-seed state to checkpoint (e.g. cached ODE trajectories)."""
         return {}
