@@ -1,8 +1,9 @@
 """dsd-sample: plain DDIM samples of the prior, written like a run (result.npz per seed), so
 optimization results can be compared with the sample of the same seed.
 
-A prior conditioned on cameras (analytic multiview/image, MVDream, Zero123) is sampled on the
-evaluation views (camera.eval_*): per seed, DDIM from the seed's ε* (the trainer's, view slot by
+A prior conditioned on cameras (analytic multiview/image, MVDream, Zero123), or any prior with a 3D
+representation configured, is sampled on the evaluation views (camera.eval_*): per seed, DDIM from
+the seed's ε* as the trainer uses it (the same noise in every view of a per-view prior; view slot by
 view slot for a multi-view prior, whose F views are sampled jointly); each seed's row of grid.png
 shows its views and its `nearest_reference` is taken over all of them.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dsd import registry
 from dsd.cameras import multiview_order
 from dsd.config import Config, resolve_device, validate
 from dsd.logging import console
@@ -31,7 +33,7 @@ def sample(cfg: Config, run_dir: Path) -> dict:
     prior = build_prior(cfg, device)
     cameras = None
     views = 1
-    if prior.needs_cameras:
+    if prior.needs_cameras or registry.lookup("representation", cfg.representation.name).is_3d:
         cameras = evaluation_cameras(cfg, prior)  # turntable order: metrics and the grid use it
         views = len(cameras)
         order = torch.arange(views)

@@ -36,3 +36,13 @@ def uniform_timestep(generator: torch.Generator, t_min: int, t_max: int) -> int:
 def timestep_bounds(num_train_timesteps: int, min_frac: float, max_frac: float) -> tuple[int, int]:
     """Fractions of T to integer steps the way threestudio does: int(T·frac)."""
     return int(num_train_timesteps * min_frac), int(num_train_timesteps * max_frac)
+
+
+def shifted_timestep(t: Tensor, t_min: int, ratio: float, u: Tensor, num_train_timesteps: int,
+                     lowest: int = 1) -> Tensor:
+    """The later point of ASD and DSD: t⁺ = t + ⌊u·min(ratio·max(t − t_min, 0), T−1−t)⌋, clamped to
+    [lowest, T−1] (ScaleDreamer stable_diffusion_asd_guidance.py:294-316, the get_t_plus that wins;
+    the official DSD code takes it from there). u ~ U[0, 1) per row. (B,) long"""
+    last = num_train_timesteps - 1
+    room = torch.minimum((ratio * (t - t_min).double()).clamp(min=0), (last - t).double())
+    return (t + (u.double() * room).long()).clamp(lowest, last)

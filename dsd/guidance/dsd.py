@@ -27,7 +27,7 @@ from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.ode import OdeTrajectories
 from dsd.priors.base import add_noise, per_row
 from dsd.registry import register
-from dsd.schedules import annealed_timestep, loss_weight, timestep_bounds, uniform_timestep
+from dsd.schedules import annealed_timestep, loss_weight, shifted_timestep, timestep_bounds, uniform_timestep
 
 
 @dataclass
@@ -110,8 +110,7 @@ class DSD(OdeGuidance):
             t = torch.full(
                 (len(ctx.seeds),), annealed_timestep(ctx.step, ctx.steps, T, cfg.t_max, cfg.t_min, cfg.t_schedule)
             )
-        room = torch.minimum(self.cfg.delta_ratio * (t - t_min).clamp(min=0).double(), (T - 1 - t).double())
-        t_plus = (t + (room * ctx.rand_rows()).long()).clamp(self.cfg.delta_min, T - 1)
+        t_plus = shifted_timestep(t, t_min, cfg.delta_ratio, ctx.rand_rows(), T, lowest=cfg.delta_min)
         return t, t_plus, t_min
 
     def grad(self, x, ctx: GuidanceContext):
