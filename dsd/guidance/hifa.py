@@ -28,7 +28,6 @@ backward for latent priors).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -62,12 +61,6 @@ def ddim_eta_step(x_t, eps, a, a_prev, eta: float, noise):
     std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
     out = per_row(a_prev, x_t).sqrt() * x0_from_eps(x_t, eps, a) + per_row(1 - a_prev - std**2, x_t).sqrt() * eps
     return out if noise is None else out + per_row(std, x_t) * noise
-
-
-def undecorated_decode(prior):
-    """The prior's decode with autograd on: priors wrap it in torch.no_grad, which we peel off."""
-    decode = inspect.unwrap(type(prior).decode)
-    return lambda x: decode(prior, x)
 
 
 @register("guidance", "hifa", HiFAConfig)
@@ -113,10 +106,9 @@ class HiFA(Guidance):
 
     def image_term(self, x, target):
         """J_D(x)ᵀ·(D(x) − D(target)), by autograd through the prior's decoder."""
-        decode = undecorated_decode(self.prior)
         with torch.enable_grad():
             source = x.detach().requires_grad_(True)
-            pixels = decode(torch.cat([source, target.detach()]))
+            pixels = self.prior.decode(torch.cat([source, target.detach()]))
             if not pixels.requires_grad:
                 raise UserError(f"guidance.lambda_rgb={self.cfg.lambda_rgb} needs a prior whose decode is "
                                 f"differentiable ({self.prior.name}'s is not); set guidance.lambda_rgb=0.")

@@ -309,8 +309,9 @@ class StableDiffusionPrior(Prior):
         latents = self.vae.encode((2 * x - 1).to(self.dtype)).latent_dist.mean * self.scaling_factor
         return latents.to(images.dtype).to(images.device)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, 4, h, w) -> pixels in [0, 1] (B, 3, H, W), float32, on the input's device."""
+        """Latents (B, 4, h, w) -> pixels in [0, 1] (B, 3, H, W), float32, on the input's device.
+        Differentiable w.r.t. the latents (HiFA's image-space term); callers that only look at the
+        pixels run it under torch.no_grad or on latents without grad."""
         x = self.vae.decode((latents.to(self.device) / self.scaling_factor).to(self.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1).to(latents.device)

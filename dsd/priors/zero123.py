@@ -278,7 +278,6 @@ class Zero123Prior(Prior):
         latents = self.vae.encode((2 * x - 1).float()).latent_dist.mean * self.scaling_factor
         return latents.to(images.dtype).to(images.device)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         x = self.vae.decode(latents.to(self.device).float() / self.scaling_factor).sample
         return ((x + 1) / 2).clamp(0, 1).to(latents.device)
