@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: 500 in 2D, 300 in 3D")
     parser.add_argument("--prompt", default="a hamburger")
     parser.add_argument("--methods", nargs="*", default=METHODS, help=f"default: {' '.join(METHODS)}")
+    parser.add_argument("--no-init", action="store_true", help="skip the init-only row (when splitting rows over "
+                        "processes, run it in one of them)")
     args = parser.parse_args()
     setting, default_steps = SETTINGS[args.setting]
     steps = args.steps or default_steps
@@ -76,7 +78,8 @@ def main() -> None:
         own = [e["nearest_reference"] for e in ddim["seeds"]]
         lines.append(table_row("DDIM 10 steps from ε* (dsd-sample)", ddim, ddim_dir, own,
                                ddim["prior_rows"] / len(own)))
-        runs = [("init only (guidance off)", GUIDANCE_OFF)] + [(m, [f"guidance={m}"]) for m in args.methods]
+        runs = [] if args.no_init else [("init only (guidance off)", GUIDANCE_OFF)]
+        runs += [(m, [f"guidance={m}"]) for m in args.methods]
         for name, overrides in runs:
             run_dir = Path(tmp) / name.split()[0]
             summary = run(compose_config([*common, *overrides, f"trainer.steps={steps}"]), run_dir)
