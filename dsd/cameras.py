@@ -171,11 +171,18 @@ def sample_cameras(generator: torch.Generator, n: int, cfg, size: int) -> Camera
         q = float(cfg.quantize_deg)
         elevation = (elevation / q).round() * q
         azimuth = (azimuth / q).round() * q
-    azimuth = wrap_azimuth(azimuth)
+    return perturbed_orbit_cameras(generator, elevation, wrap_azimuth(azimuth), distance, fovy, cfg, size)
+
+
+def perturbed_orbit_cameras(generator: torch.Generator, elevation: Tensor, azimuth: Tensor, distance: Tensor,
+                            fovy: Tensor, cfg, size: int) -> Cameras:
+    """Orbit cameras whose position, look-at centre and up vector are then perturbed as threestudio's
+    uncond.py:220-235: position + U[−p, p]³, centre ~ N(0, σ_c²)³, up = +z + N(0, σ_u²)³ (each only
+    when its cfg value is > 0, drawn in that order from `generator`)."""
+    n = len(elevation)
     position = orbit_position(elevation, azimuth, distance)
     center = torch.zeros_like(position)
     up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).repeat(n, 1)
-    # uncond.py:220-235: position + U[−p, p]³, centre ~ N(0, σ_c²)³, up = +z + N(0, σ_u²)³
     if cfg.camera_perturb > 0:
         position = position + _uniform(generator, (n, 3), -cfg.camera_perturb, cfg.camera_perturb)
     if cfg.center_perturb > 0:
@@ -210,17 +217,8 @@ def sample_multiview_cameras(generator: torch.Generator, views: int, cfg, size: 
         q = float(cfg.quantize_deg)
         elevation, offset = (elevation / q).round() * q, (offset / q).round() * q
     azimuth = wrap_azimuth(offset + torch.arange(views, dtype=torch.float64) * (high - low) / views)
-    position = orbit_position(elevation, azimuth, distance)
-    center = torch.zeros_like(position)
-    up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).repeat(views, 1)
-    if cfg.camera_perturb > 0:
-        position = position + _uniform(generator, (views, 3), -cfg.camera_perturb, cfg.camera_perturb)
-    if cfg.center_perturb > 0:
-        center = center + cfg.center_perturb * torch.randn(views, 3, generator=generator, dtype=torch.float64)
-    if cfg.up_perturb > 0:
-        up = up + cfg.up_perturb * torch.randn(views, 3, generator=generator, dtype=torch.float64)
-    c2w = look_at_c2w(position, center, up).float()
-    return Cameras(c2w, fovy.float(), elevation.float(), azimuth.float(), distance.float(), size, size)
+    return perturbed_orbit_cameras(generator, elevation.contiguous(), azimuth, distance.contiguous(),
+                                   fovy.contiguous(), cfg, size)
 
 
 def view_slot(azimuth_deg: Tensor, views: int, azimuth_range) -> Tensor:
