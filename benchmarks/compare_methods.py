@@ -38,7 +38,10 @@ SETTINGS = {
     "3d-multiview": (["experiment=demo", "prior.mode=multiview"], 300),
 }
 METHODS = ["sds", "asd", "sdi", "consistent3d", "hifa", "vsd", "cfd", "dsd"]
-GUIDANCE_OFF = ["guidance=dsd", "trainer.lr=1e-9"]  # the start point alone: a vanishing step size
+# the start point alone: in 2D a vanishing step size; the Gaussians set their own per-parameter
+# learning rates (trainer.lr does not reach them), so in 3D one step (as analytic_3d_diversity.py)
+GUIDANCE_OFF = {"2d": ["guidance=dsd", "trainer.lr=1e-9"], "3d": ["guidance=dsd", "trainer.steps=1"],
+                "3d-multiview": ["guidance=dsd", "trainer.steps=1"]}
 
 
 def pairwise_rmse(run_dir: Path, seeds: list[int]) -> float:
@@ -78,11 +81,11 @@ def main() -> None:
         own = [e["nearest_reference"] for e in ddim["seeds"]]
         lines.append(table_row("DDIM 10 steps from ε* (dsd-sample)", ddim, ddim_dir, own,
                                ddim["prior_rows"] / len(own)))
-        runs = [] if args.no_init else [("init only (guidance off)", GUIDANCE_OFF)]
+        runs = [] if args.no_init else [("init only (guidance off)", GUIDANCE_OFF[args.setting])]
         runs += [(m, [f"guidance={m}"]) for m in args.methods]
         for name, overrides in runs:
             run_dir = Path(tmp) / name.split()[0]
-            summary = run(compose_config([*common, *overrides, f"trainer.steps={steps}"]), run_dir)
+            summary = run(compose_config([*common, f"trainer.steps={steps}", *overrides]), run_dir)
             lines.append(table_row(name, summary, run_dir, own, summary["prior_rows_per_step"]))
         threshold = ddim["reach_threshold_db"]
     print(f"\nsetting {args.setting}: prompt {args.prompt!r}, {args.seeds} seeds, {steps} steps, analytic prior "
