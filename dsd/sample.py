@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dsd import registry
-from dsd.cameras import multiview_order
+from dsd.cameras import Cameras, multiview_order
 from dsd.config import Config, resolve_device, validate
 from dsd.logging import console
 from dsd.ode import ddim_sample
@@ -43,7 +43,7 @@ def sample(cfg: Config, run_dir: Path) -> dict:
     eps_star = torch.cat(
         [eps_star_rows(prior_eps_star(seed, prior), views, prior.views_per_sample) for seed in seeds]
     ).to(device)
-    cond_cameras = None if cameras is None else type(cameras).cat([sampled_cameras] * len(seeds))
+    cond_cameras = None if cameras is None else Cameras.cat([sampled_cameras] * len(seeds))
     x0 = ddim_sample(
         prior,
         eps_star,

@@ -27,7 +27,7 @@ from dsd.config import GuidanceConfig
 from dsd.errors import UserError
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.guidance.sds import lerp_fraction
-from dsd.priors.base import Condition, add_noise, per_row
+from dsd.priors.base import add_noise, per_row
 from dsd.registry import register
 from dsd.schedules import loss_weight, shifted_timestep, timestep_bounds, uniform_timestep
 
@@ -51,17 +51,6 @@ class ASDConfig(GuidanceConfig):
     # the representation's Adam betas: ScaleDreamer's AdamW (0, 0.99) (asd_sd_nerf.yaml:110-114);
     # its weight decay is not modelled
     adam_betas: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.99])
-
-
-def without_negatives(cond: Condition) -> Condition:
-    """The same rows with no Perp-Neg negatives, so a row at scale 1 is the plain conditional ε̂_c.
-    Perp-Neg lives only in Stable Diffusion's TextCondition (weights perp_weight; weight 0 means
-    not evaluated)."""
-    if cond.negative_prompts() is None:
-        return cond
-    if not hasattr(cond, "perp_weight"):
-        raise NotImplementedError(f"{type(cond).__name__} has negatives ASD cannot switch off")
-    return dataclasses.replace(cond, perp_weight=torch.zeros_like(cond.perp_weight))
 
 
 @register("guidance", "asd", ASDConfig)
@@ -98,7 +87,7 @@ class ASD(Guidance):
         batch = len(x)
         x_noisy = torch.cat([add_noise(x, noise, a), add_noise(x, noise, a_plus)])
         scales = torch.tensor([self.cfg.cfg_scale] * batch + [1.0] * batch)
-        cond = ctx.cond.cat([ctx.cond, without_negatives(ctx.cond)])
+        cond = ctx.cond.cat([ctx.cond, ctx.cond.without_negatives()])
         eps = self.prior.eps(x_noisy, torch.cat([t, t_plus]), cond, scales)
         grad = per_row(loss_weight(a), x) * (eps[:batch] - eps[batch:])  # weighting "sds" (ASD file :263)
         return grad, {"t": float(t.float().mean()), "t_plus": float(t_plus.float().mean())}

@@ -113,6 +113,11 @@ class Condition:
         belongs to; weight (N,)), or None when the prior has none (then guidance is plain CFG)."""
         return None
 
+    def without_negatives(self) -> Condition:
+        """The same rows with no Perp-Neg negatives, so a row at scale 1 is the plain conditional
+        ε̂_c (ASD's t⁺). Conditions without negatives return themselves."""
+        return self
+
     def cache_key(self, row: int) -> Hashable:
         """What makes two rows follow the same ODE (with the same seed): their conditioning."""
         return tuple(tuple(getattr(self, name)[row].flatten().tolist()) for name in self._tensor_fields())

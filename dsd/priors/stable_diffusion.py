@@ -8,6 +8,7 @@ Perp-Neg rows are all evaluated in ONE UNet call by `Prior.eps`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class TextCondition(Condition):
             perp_weight=torch.zeros(len(index), self.perp_index.shape[1], dtype=torch.float64),
         )
         return negatives, owner, self.perp_weight[owner, slot]
+
+    def without_negatives(self) -> TextCondition:
+        return dataclasses.replace(self, perp_weight=torch.zeros_like(self.perp_weight))  # weight 0: not evaluated
 
 
 def missing_weights_error(cfg: StableDiffusionConfig, err: Exception) -> UserError:
