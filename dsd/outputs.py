@@ -57,6 +57,19 @@ def save_result(path: Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def save_views(path: Path, views: np.ndarray) -> None:
+    """views.npz with `views`: float32 (V, H, W, 3) in [0, 1], the seed's evaluation views in the
+    order of the run's evaluation cameras (2D: V = 1, the result itself). dsd-eval reads it."""
+    buffer = io.BytesIO()
+    np.savez(buffer, views=np.asarray(views, dtype=np.float32))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_views(path: Path) -> np.ndarray:
+    with np.load(path) as data:
+        return data["views"]
+
+
 def load_result(path: Path) -> np.ndarray:
     with np.load(path) as data:
         return data["image"]

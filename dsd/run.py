@@ -16,7 +16,7 @@ from dsd.config import Config, resolve_device, validate
 from dsd.errors import UserError
 from dsd.logging import RunLogger, console, make_progress
 from dsd.metrics.reference import nearest_reference, psnr, reach_threshold_db, summarize_references
-from dsd.outputs import save_grid, save_json, save_png, save_result, save_video
+from dsd.outputs import save_grid, save_json, save_png, save_result, save_video, save_views
 from dsd.trainer import SeedState, Trainer
 
 
@@ -94,6 +94,7 @@ def write_seed_outputs(state: SeedState, prior, cfg: Config, seed_dir: Path) -> 
         views = rep.final_image(prior)[None]  # (1, H, W, 3)
     image = views[0]  # the contract: the first evaluation view
     save_result(seed_dir / "result.npz", image.numpy())
+    save_views(seed_dir / "views.npz", views.numpy())
     save_png(seed_dir / "final.png", image.numpy())
     rep.export(seed_dir, prior)
     metrics = reference_metrics(prior, cfg.prompt, views if cameras is not None else image, cameras)

@@ -163,6 +163,7 @@ class Trainer:
             step=step,
             steps=self.cfg.steps,
             cameras=stacked,
+            representations=[s.representation for s in rows],
         )
 
     def initialize(self, states: list[SeedState]) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsd.outputs import load_result
+from dsd.outputs import load_result, load_views
 from dsd.run import run
 
 FAST_3D = (
@@ -32,6 +32,8 @@ def test_analytic_gaussians_writes_the_3d_output_contract(compose, tmp_path):
         assert isinstance(entry["nearest_reference"], int) and entry["psnr_to_reference"] > 5
         image = load_result(seed_dir / "result.npz")
         assert image.shape == (16, 16, 3) and image.dtype == np.float32
+        views = load_views(seed_dir / "views.npz")
+        assert views.shape == (cfg.camera.eval_views, 16, 16, 3) and np.array_equal(views[0], image)
         frames = imageio.mimread(seed_dir / "turntable.mp4")
         assert len(frames) == 3 and frames[0].shape == (16, 16, 3)
         assert (seed_dir / "gaussians.ply").stat().st_size > 0 and (seed_dir / "checkpoint.pt").exists()

@@ -26,6 +26,9 @@ class GuidanceContext:
     step: int  # 0-based optimization step
     steps: int  # total optimization steps N
     cameras: Optional[Cameras] = None  # the rows' cameras in 3D (None in 2D)
+    # each row's representation (3D), for methods that render their own per-seed quantities with the
+    # same geometry (CFD's noise attached to the Gaussians); None where the trainer has none
+    representations: Optional[list] = None
 
     @property
     def views_per_sample(self) -> int:
