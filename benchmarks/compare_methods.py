@@ -12,6 +12,8 @@ evaluation view in 3D; how far apart the seeds end up, in [0, 1] pixel units), p
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_methods.py --setting 2d --seeds 8
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_methods.py --setting 3d --methods dsd sds asd
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_methods.py --setting 3d --methods sds --no-init \
+        --variant "dsd grid, ODE cameras 45°" guidance=dsd guidance.ode_target=grid guidance.ode_camera_deg=45
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: 500 in 2D, 300 in 3D")
     parser.add_argument("--prompt", default="a hamburger")
     parser.add_argument("--methods", nargs="*", default=METHODS, help=f"default: {' '.join(METHODS)}")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("LABEL", "OVERRIDE"),
+                        help="an extra row: its label, then its config overrides (repeatable)")
     parser.add_argument("--no-init", action="store_true", help="skip the init-only row (when splitting rows over "
                         "processes, run it in one of them)")
     args = parser.parse_args()
@@ -83,8 +87,9 @@ def main() -> None:
                                ddim["prior_rows"] / len(own)))
         runs = [] if args.no_init else [("init only (guidance off)", GUIDANCE_OFF[args.setting])]
         runs += [(m, [f"guidance={m}"]) for m in args.methods]
-        for name, overrides in runs:
-            run_dir = Path(tmp) / name.split()[0]
+        runs += [(label, overrides) for label, *overrides in args.variant]
+        for i, (name, overrides) in enumerate(runs):
+            run_dir = Path(tmp) / f"{i}_{name.split()[0]}"
             summary = run(compose_config([*common, f"trainer.steps={steps}", *overrides]), run_dir)
             lines.append(table_row(name, summary, run_dir, own, summary["prior_rows_per_step"]))
         threshold = ddim["reach_threshold_db"]

@@ -110,6 +110,16 @@ def orbit_cameras(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, 
                    distance.float(), width, height)
 
 
+def snapped_orbit_cameras(cameras: Cameras, grid_deg: float) -> Cameras:
+    """The unperturbed orbit cameras at each row's elevation and azimuth rounded to a `grid_deg`
+    grid (distance and fov kept): a coarse stand-in for nearby views, so quantities keyed by the
+    camera (DSD's ODE trajectories) are shared by the views around one grid point."""
+    snap = lambda v: (v.double() / grid_deg).round() * grid_deg  # noqa: E731
+    elevation = snap(cameras.elevation_deg).clamp(-90, 90)
+    return orbit_cameras(elevation, snap(cameras.azimuth_deg), cameras.distance, cameras.fovy_deg,
+                         cameras.width, cameras.height)
+
+
 def cameras_from_c2w(c2w: Tensor, fovy_deg: Tensor, width: int, height: int) -> Cameras:
     """Cameras given by their matrices; elevation/azimuth/distance are those of their positions."""
     position = c2w[:, :3, 3].double()

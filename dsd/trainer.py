@@ -164,6 +164,8 @@ class Trainer:
             steps=self.cfg.steps,
             cameras=stacked,
             representations=[s.representation for s in rows],
+            condition_for=None if stacked is None else (
+                lambda cams: self.prior.condition(self.prompt, batch=len(cams), cameras=cams)),
         )
 
     def initialize(self, states: list[SeedState]) -> None:

@@ -163,3 +163,41 @@ def test_exact_target_costs_one_guided_call_per_row_and_step_more_than_grid(prio
             guidance.grad(torch.zeros(2, *prior.sample_shape), context(prior, [0, 1], step, 20))
         rows[target] = prior.rows_evaluated - before
     assert rows["exact"] - rows["grid"] == 20 * 2 * 2  # 20 steps x 2 rows x (conditional + unconditional)
+
+
+def test_snapped_ode_cameras_share_one_trajectory_that_is_the_snapped_cameras_ddim():
+    """guidance.ode_camera_deg: rows whose cameras round to the same grid point follow ONE ODE, the
+    plain DDIM of ε* under the condition of the unperturbed orbit camera at that grid point."""
+    from dsd.cameras import orbit_cameras
+
+    prior = AnalyticPrior(AnalyticPriorConfig(image_size=16, num_references=4, pool=["a cat", "a cup"]))
+    full = lambda n, v: torch.full((n,), float(v), dtype=torch.float64)  # noqa: E731
+    cameras = orbit_cameras(torch.tensor([20.0, 25.0, 33.0]), torch.tensor([50.0, 65.0, 100.0]),
+                            full(3, 2.0), full(3, 50), 16, 16)
+    seed, grid_deg = 3, 30.0
+    eps_star = seed_noise(seed, prior.sample_shape)
+    ctx = GuidanceContext(
+        prior=prior, cond=prior.condition("a cat", 3, cameras=cameras), seeds=[seed] * 3,
+        eps_star=eps_star.expand(3, *prior.sample_shape), generators=[step_generator(seed) for _ in range(3)],
+        step=0, steps=10, cameras=cameras,
+        condition_for=lambda cams: prior.condition("a cat", len(cams), cameras=cams),
+    )  # fmt: skip
+    guidance = DSD(DSDConfig(ode_target="grid", ode_camera_deg=grid_deg), prior)
+    keys, cond = guidance.ode_condition(ctx)
+    assert keys[0] == keys[1] != keys[2]  # (20, 50) and (25, 65) both round to (30, 60); (33, 100) to (30, 90)
+
+    grid = torch.linspace(999, 0, 11, dtype=torch.float64).long().tolist()[:4]
+    for row, (elev, azim) in enumerate([(30.0, 60.0), (30.0, 60.0), (30.0, 90.0)]):
+        stand_in = orbit_cameras(torch.tensor([elev]), torch.tensor([azim]), full(1, 2.0), full(1, 50), 16, 16)
+        stand_in_cond = prior.condition("a cat", 1, cameras=stand_in)
+        x = eps_star[None]
+        for i, t in enumerate(grid):  # DDIM written out, independent of dsd.ode
+            eps = prior.eps(x, torch.tensor([t]), stand_in_cond, 7.5)
+            if i + 1 < len(grid):
+                a, a_next = prior.alphas_cumprod[t], prior.alphas_cumprod[grid[i + 1]]
+                x = a_next.sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt() + (1 - a_next).sqrt() * eps
+        got = guidance.ode.eps_at(keys, ctx.eps_star, cond, torch.tensor([3, 3, 3]))[row]
+        torch.testing.assert_close(got, eps[0], atol=1e-5, rtol=1e-4)
+    assert len(guidance.ode.trajectories) == 2
+    off = DSD(DSDConfig(ode_target="grid"), prior).ode_condition(ctx)[0]
+    assert len(set(off)) == 3  # without snapping every camera is its own ODE

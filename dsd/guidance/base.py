@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,22 +29,27 @@ class GuidanceContext:
     # each row's representation (3D), for methods that render their own per-seed quantities with the
     # same geometry (CFD's noise attached to the Gaussians); None where the trainer has none
     representations: Optional[list] = None
+    # the prompt's condition for other cameras (same rows): the ODE of a row can be conditioned on
+    # a stand-in camera (DSD's guidance.ode_camera_deg); None in 2D
+    condition_for: Optional[Callable[[Cameras], Condition]] = None
 
     @property
     def views_per_sample(self) -> int:
         """F: rows that form one sample (an object of a multi-view prior), adjacent in the batch."""
         return self.prior.views_per_sample
 
-    def trajectory_keys(self) -> list[Hashable]:
-        """A row follows the ODE of (its seed, its condition). For a multi-view prior the ODE is
-        the object's: the key is (seed, the conditions of all F rows, view slot), so one object's
-        rows share a camera SET and are advanced (and evicted) together (dsd.ode)."""
+    def trajectory_keys(self, cond: Condition | None = None) -> list[Hashable]:
+        """A row follows the ODE of (its seed, its condition: `cond`, default the rows' own). For a
+        multi-view prior the ODE is the object's: the key is (seed, the conditions of all F rows,
+        view slot), so one object's rows share a camera SET and are advanced (and evicted) together
+        (dsd.ode)."""
+        cond = self.cond if cond is None else cond
         f = self.views_per_sample
         if f == 1:
-            return [(seed, self.cond.cache_key(row)) for row, seed in enumerate(self.seeds)]
+            return [(seed, cond.cache_key(row)) for row, seed in enumerate(self.seeds)]
         keys = []
         for first in range(0, len(self.seeds), f):
-            group = tuple(self.cond.cache_key(row) for row in range(first, first + f))
+            group = tuple(cond.cache_key(row) for row in range(first, first + f))
             keys.extend((self.seeds[first], group, slot) for slot in range(f))
         return keys
 

@@ -21,11 +21,12 @@ from typing import Optional
 
 import torch
 
+from dsd.cameras import snapped_orbit_cameras
 from dsd.config import GuidanceConfig
 from dsd.errors import UserError
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.ode import OdeTrajectories
-from dsd.priors.base import add_noise, per_row
+from dsd.priors.base import Condition, add_noise, per_row
 from dsd.registry import register
 from dsd.schedules import annealed_timestep, loss_weight, shifted_timestep, timestep_bounds, uniform_timestep
 
@@ -42,6 +43,10 @@ class DSDConfig(GuidanceConfig):
     # exact: step the ODE to t+δ and evaluate ε there (Alg. 3, official code; +1 guided prior call
     # per row and step) | grid: ε at the last grid point at or above t+δ (cached, no extra call)
     ode_target: str = "exact"
+    # > 0: a row's ODE is conditioned on its camera snapped to this elevation/azimuth grid (degrees)
+    # instead of the camera itself, so nearby views share one trajectory (fewer ODEs to simulate: the
+    # cost lever of 3D, benchmarks/ode_cache.py --setting 3d). 0: every camera its own ODE (official).
+    ode_camera_deg: float = 0.0
     t_schedule: str = "sqrt"  # sqrt (official) | linear (Alg. 1) | random (uniform, SDS-like)
     t_min: float = 0.32  # fractions of T (official configs/dsd.yaml)
     t_max: float = 0.98
@@ -67,13 +72,25 @@ class OdeGuidance(Guidance):
             check_choice("guidance.optimizer", cfg.optimizer, ("adam", "sgd"))
         if cfg.ode_steps < 1:
             raise UserError(f"guidance.ode_steps={cfg.ode_steps} must be >= 1.")
+        self.ode_camera_deg = float(getattr(cfg, "ode_camera_deg", 0.0))  # only DSDConfig has it
+        if not 0 <= self.ode_camera_deg <= 180:
+            raise UserError(f"guidance.ode_camera_deg={cfg.ode_camera_deg} must be in [0, 180] (0: off).")
         self.ode = OdeTrajectories(prior, cfg.ode_steps, cfg.ode_cfg_scale, enabled=cfg.ode_cache)
+
+    def ode_condition(self, ctx: GuidanceContext) -> tuple[list, Condition]:
+        """(trajectory keys, condition) of the rows' ODEs: their own cameras', or with
+        ode_camera_deg > 0 the snapped stand-in cameras' (3D only)."""
+        if self.ode_camera_deg == 0 or ctx.cameras is None or ctx.condition_for is None:
+            return ctx.trajectory_keys(), ctx.cond
+        cond = ctx.condition_for(snapped_orbit_cameras(ctx.cameras, self.ode_camera_deg))
+        return ctx.trajectory_keys(cond), cond
 
     def initial_target(self, ctx: GuidanceContext):
         if self.cfg.init == "none":
             return None
         first = torch.zeros(len(ctx.seeds), dtype=torch.long)
-        return self.ode.x0_at(ctx.trajectory_keys(), ctx.eps_star, ctx.cond, first)
+        keys, cond = self.ode_condition(ctx)
+        return self.ode.x0_at(keys, ctx.eps_star, cond, first)
 
     def optimizer_override(self, steps: int):
         if self.cfg.optimizer is None:
@@ -116,10 +133,12 @@ class DSD(OdeGuidance):
     def grad(self, x, ctx: GuidanceContext):
         t, t_plus, _ = self.timesteps(ctx)
         if self.cfg.ode == "interp" and self.cfg.ode_target == "exact":
-            eps_ode = self.ode.eps_exactly_at(ctx.trajectory_keys(), ctx.eps_star, ctx.cond, t_plus).to(x)
+            keys, ode_cond = self.ode_condition(ctx)
+            eps_ode = self.ode.eps_exactly_at(keys, ctx.eps_star, ode_cond, t_plus).to(x)
         elif self.cfg.ode == "interp":
+            keys, ode_cond = self.ode_condition(ctx)
             j = self.ode.grid_index_at_or_above(t_plus)
-            eps_ode = self.ode.eps_at(ctx.trajectory_keys(), ctx.eps_star, ctx.cond, j).to(x)
+            eps_ode = self.ode.eps_at(keys, ctx.eps_star, ode_cond, j).to(x)
         elif self.cfg.ode == "random":
             eps_ode = ctx.randn_like_rows(x)
         else:
