@@ -110,6 +110,23 @@ def orbit_cameras(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, 
                    distance.float(), width, height)
 
 
+def camera_rays(cameras: Cameras) -> tuple[Tensor, Tensor]:
+    """World-space rays through the pixel centres: origins and unit directions, both (V, H, W, 3).
+
+    OpenGL pinhole (nerfstudio's `Cameras.generate_rays` convention): pixel (row i, col j) has
+    camera direction ((j + ½ − cx)/f, −(i + ½ − cy)/f, −1); row 0 is the top of the image."""
+    K = cameras.intrinsics()  # (V, 3, 3)
+    device, dtype = cameras.c2w.device, cameras.c2w.dtype
+    rows = torch.arange(cameras.height, device=device, dtype=dtype) + 0.5
+    cols = torch.arange(cameras.width, device=device, dtype=dtype) + 0.5
+    i, j = torch.meshgrid(rows, cols, indexing="ij")  # (H, W)
+    f, cx, cy = K[:, 0, 0, None, None], K[:, 0, 2, None, None], K[:, 1, 2, None, None]
+    d_cam = torch.stack([(j - cx) / f, -(i - cy) / f, -torch.ones_like((j - cx) / f)], dim=-1)  # (V, H, W, 3)
+    d_world = torch.einsum("vab,vhwb->vhwa", cameras.c2w[:, :3, :3], d_cam)
+    origins = cameras.c2w[:, None, None, :3, 3].expand_as(d_world)
+    return origins, d_world / d_world.norm(dim=-1, keepdim=True)
+
+
 def snapped_orbit_cameras(cameras: Cameras, grid_deg: float) -> Cameras:
     """The unperturbed orbit cameras at each row's elevation and azimuth rounded to a `grid_deg`
     grid (distance and fov kept): a coarse stand-in for nearby views, so quantities keyed by the

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsd.cameras import orbit_cameras
+from dsd.cameras import camera_rays, orbit_cameras
 from dsd.representations.nerf import (
     NerfConfig,
     NerfRepresentation,
@@ -15,7 +15,6 @@ from dsd.representations.nerf import (
     depth_variance,
     ramp_at,
 )
-from dsd.representations.nerf_field import camera_rays
 
 NO_ORIENT = dict(lambda_orient=0.0)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,3 +50,31 @@ def test_wheel_install_runs_without_the_repository(tmp_path):
     sources = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["config_sources"]
     main = next(s for s in sources if s["provider"] == "main")
     assert Path(main["path"]).is_relative_to(site), main  # the config tree came from the wheel
+
+
+BLOCK_NERFSTUDIO = """
+import sys
+class _Block:  # as if nerfstudio were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "nerfstudio" or name.startswith("nerfstudio."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Block())
+sys.argv = ["dsd-run", *sys.argv[1:]]
+from dsd.cli import run_main
+run_main()
+"""
+
+
+@pytest.mark.parametrize("representation", ["image", "nerf"])
+def test_runs_without_nerfstudio_and_nerf_says_what_to_install(tmp_path, representation):
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_NERFSTUDIO, f"representation={representation}", "seeds=1", "trainer.steps=2",
+         "prior.image_size=16", "camera.video_frames=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
+    )
+    if representation == "image":
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "run" / "summary.json").exists()
+    else:
+        assert proc.returncode == 2, proc.stderr
+        assert "nerfstudio" in proc.stderr and "Traceback" not in proc.stderr

@@ -116,7 +116,7 @@ def world_map(seed: int, channels: int, resolution: int) -> Tensor:
 def world_map_noise(maps: Tensor, cameras: Cameras, size: tuple[int, int], supersample: int,
                     resolution: int) -> Tensor:
     """Each row's noise (B, C, h, w) from its map (B, C, 6·N·N) seen by its camera at h x w pixels."""
-    from dsd.representations.nerf_field import camera_rays  # nerfstudio import: only in 3D
+    from dsd.cameras import camera_rays
 
     (h, w), s = size, supersample
     fine = dataclasses.replace(cameras, width=w * s, height=h * s)  # same fov, s x s rays a pixel

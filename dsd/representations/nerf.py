@@ -20,19 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nerfstudio.cameras.rays import RayBundle
-from nerfstudio.model_components.ray_samplers import PDFSampler
-from nerfstudio.model_components.renderers import AccumulationRenderer, RGBRenderer
 from torch import Tensor
 
-from dsd.cameras import Cameras, orbit_cameras
+from dsd.cameras import Cameras, camera_rays, orbit_cameras
 from dsd.config import RepresentationConfig
 from dsd.errors import UserError
 from dsd.registry import register
 from dsd.representations.base import Representation, fit_renders
 from dsd.representations.nerf_field import (
     NerfField,
-    camera_rays,
     resolve_implementation,
     sphere_near_far,
     stratified_samples,
@@ -155,6 +151,18 @@ def convexity_loss(normal_map: Tensor, res: int) -> Tensor:
     return -(horizontal.mean() + vertical.mean())
 
 
+def require_nerfstudio() -> None:
+    """nerfstudio is imported only when a NeRF is built (2D and Gaussian runs work without it)."""
+    try:
+        import nerfstudio  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "representation=nerf needs nerfstudio, which is not installed; `make install` installs it "
+            "(pip install --no-deps nerfstudio==1.1.5 after the project: its own pins would pull an old gsplat), "
+            "or use representation=gaussians or representation=image."
+        ) from None
+
+
 def validate(cfg: NerfConfig) -> None:
     def bad(key: str, value, accepted: str) -> UserError:
         return UserError(f"representation.{key}={value!r} is not accepted; {accepted}.")
@@ -190,6 +198,9 @@ class NerfRepresentation(Representation):
     def __init__(self, cfg: NerfConfig, prior=None, device: torch.device | str = "cpu") -> None:
         super().__init__()
         validate(cfg)
+        require_nerfstudio()
+        from nerfstudio.model_components.ray_samplers import PDFSampler
+
         self.cfg = cfg
         self.field = NerfField(
             bound=cfg.bound, num_levels=cfg.num_levels, min_res=cfg.min_res, max_res=cfg.max_res,
@@ -273,6 +284,9 @@ class NerfRepresentation(Representation):
                     occupied: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Rays (N, 3) -> colours (N, 3) and the per-ray quantities the regularizers use.
         With `occupied` (no-grad renders) the field is evaluated only at samples in occupied cells."""
+        from nerfstudio.cameras.rays import RayBundle
+        from nerfstudio.model_components.renderers import AccumulationRenderer, RGBRenderer
+
         near, far = sphere_near_far(origins, directions, self.cfg.bound)
         bundle = RayBundle(origins=origins, directions=directions, pixel_area=torch.ones_like(near),
                            nears=near, fars=far)

@@ -7,13 +7,13 @@ The scene is the ball of radius `bound` (samples never leave it), the hash grid 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from nerfstudio.cameras.rays import RayBundle, RaySamples
-from nerfstudio.field_components.encodings import HashEncoding, SHEncoding
-from nerfstudio.field_components.mlp import MLP
 from torch import Tensor, nn
 
-from dsd.cameras import Cameras
+if TYPE_CHECKING:  # nerfstudio is imported where a field is built, so 2D runs never need it
+    from nerfstudio.cameras.rays import RayBundle, RaySamples
 
 
 def resolve_implementation(name: str, device: torch.device | str) -> str:
@@ -25,23 +25,6 @@ def resolve_implementation(name: str, device: torch.device | str) -> str:
     except ImportError:
         return "torch"
     return "tcnn" if torch.device(device).type == "cuda" else "torch"
-
-
-def camera_rays(cameras: Cameras) -> tuple[Tensor, Tensor]:
-    """World-space rays through the pixel centres: origins and unit directions, both (V, H, W, 3).
-
-    OpenGL pinhole (nerfstudio's `Cameras.generate_rays` convention): pixel (row i, col j) has
-    camera direction ((j + ½ − cx)/f, −(i + ½ − cy)/f, −1); row 0 is the top of the image."""
-    K = cameras.intrinsics()  # (V, 3, 3)
-    device, dtype = cameras.c2w.device, cameras.c2w.dtype
-    rows = torch.arange(cameras.height, device=device, dtype=dtype) + 0.5
-    cols = torch.arange(cameras.width, device=device, dtype=dtype) + 0.5
-    i, j = torch.meshgrid(rows, cols, indexing="ij")  # (H, W)
-    f, cx, cy = K[:, 0, 0, None, None], K[:, 0, 2, None, None], K[:, 1, 2, None, None]
-    d_cam = torch.stack([(j - cx) / f, -(i - cy) / f, -torch.ones_like((j - cx) / f)], dim=-1)  # (V, H, W, 3)
-    d_world = torch.einsum("vab,vhwb->vhwa", cameras.c2w[:, :3, :3], d_cam)
-    origins = cameras.c2w[:, None, None, :3, 3].expand_as(d_world)
-    return origins, d_world / d_world.norm(dim=-1, keepdim=True)
 
 
 def sphere_near_far(origins: Tensor, directions: Tensor, radius: float) -> tuple[Tensor, Tensor]:
@@ -92,6 +75,9 @@ class NerfField(nn.Module):
     def __init__(self, bound: float, num_levels: int, min_res: int, max_res: int, log2_hashmap_size: int,
                  features_per_level: int, hidden_dim: int, num_layers: int, geo_feat_dim: int,
                  blob_density: float, blob_radius: float, background_mlp: bool, implementation: str) -> None:
+        from nerfstudio.field_components.encodings import HashEncoding, SHEncoding
+        from nerfstudio.field_components.mlp import MLP
+
         super().__init__()
         self.bound, self.geo_feat_dim = bound, geo_feat_dim
         self.blob_density, self.blob_radius = blob_density, blob_radius
