@@ -17,14 +17,31 @@ renders (detached) at fresh t' ~ U{0..T−1} and noise, the camera zeroed with p
 - prior=analytic: a small conv net of x_t, a t embedding and the camera, predicting x0 as a
   learned image plus a zero-initialised correction (so φ starts as "every render is μ").
 
-Particles: one φ per seed. Each seed is one particle with its own φ (and optimizer), so a seed's
-result does not depend on the other seeds of its batch (the trainer's contract), its φ is
-checkpointed with it, and resume restores it exactly. This is threestudio's setting (one render
-per step, one LoRA); the paper's n > 1 particles sharing one φ would couple seeds across batches.
+Particles (guidance.particles):
+- shared (default, the authors' setting): the seeds optimized together in one seed batch
+  (trainer.seed_batch) are the particles of the prompt and share ONE φ and its optimizer; each
+  step φ takes its AdamW step on the mean diffusion loss over the renders of every particle
+  (every row, each with its own camera, t' and noise). In the official code the particles are n
+  NeRFs (thu-ml/prolificdreamer nerf/network_particle.py:51-53, --n_particles main.py:119, 4 in
+  README.md:26) and one UNet φ with one optimizer is trained on the render of whichever particle
+  was drawn that step (nerf/utils.py:1068, network_particle.py:75-79, utils.py:1098-1126); here
+  every particle steps every step and φ sees all their renders in one step. The DSD paper runs
+  VSD with this multi-particle code (diverse-score-distillation.txt:180). threestudio supports
+  one particle only (README.md:295), i.e. per_seed. With shared φ a seed's result depends on the
+  seeds of its batch (the one exception to the trainer's contract), so trainer.seed_batch is part
+  of the method's setting; a batch of one seed (seed_batch=1, or a last short batch) has its own
+  φ, exactly as per_seed, and says so in one log line. Every seed's checkpoint carries the shared
+  φ and its optimizer state (identical: they step together); on resume it is loaded once, the
+  copies of the seeds that step together are checked to be identical, and a seed_batch other
+  than the checkpoint's is refused (UserError naming trainer.seed_batch; a smaller one only when
+  the batch holding the rest of the φ's seeds loads, since a batch missing some of its seeds is
+  also what remains after a seed diverged).
+- per_seed: one φ per seed (and optimizer): a seed's result does not depend on its batch.
 
-Cost per render row and step: pretrained 2 prior rows (conditional + unconditional, CFG), plus on
-sd21 2 more UNet rows through φ (one no-grad forward for ε^φ, one forward+backward to train it;
-both are counted in `prior.rows_evaluated`, the backward is not), i.e. 4 rows (+1 more with
+Cost per render row and step, the same for shared and per_seed φ (φ's rows of all particles go
+in one call either way): pretrained 2 prior rows (conditional + unconditional, CFG), plus on sd21
+2 more UNet rows through φ (one no-grad forward for ε^φ, one forward+backward to train it; both
+are counted in `prior.rows_evaluated`, the backward is not), i.e. 4 rows (+1 more with
 phi_cfg_scale != 1). On the analytic prior φ is a tiny net outside the prior: 2 rows.
 """
 
@@ -42,6 +59,7 @@ from torch import Tensor, nn
 from dsd.config import GuidanceConfig
 from dsd.errors import UserError
 from dsd.guidance.base import Guidance, GuidanceContext
+from dsd.logging import console
 from dsd.priors.base import (
     Condition,
     Prior,
@@ -75,6 +93,13 @@ class VSDConfig(GuidanceConfig):
     camera_dropout: float = 0.1  # probability the camera is zeroed when training φ
     lora_rank: int = 4
     phi_hidden: int = 32  # analytic φ: conv channels
+    # shared: the seeds of one seed batch are the particles and share one φ (the official code's
+    # single UNet φ for all --n_particles, thu-ml/prolificdreamer nerf/utils.py:1098-1126);
+    # per_seed: one φ per seed (threestudio's one particle, README.md:295)
+    particles: str = "shared"
+
+
+PARTICLE_MODES = ("shared", "per_seed")
 
 
 def linear_init(layer: nn.Linear | nn.Conv2d, generator: torch.Generator) -> None:
@@ -265,33 +290,98 @@ class VSD(Guidance):
         self.score = make_learned_score(cfg, prior)
         default_lr = 1e-4 if isinstance(self.score, LoraUNetScore) else 1e-3
         self.lr = default_lr if cfg.phi_lr is None else cfg.phi_lr
-        self.particles: dict[int, nn.Module] = {}  # seed -> φ
-        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.particles: dict[int, nn.Module] = {}  # seed -> φ (one object for the seeds that share it)
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}  # seed -> φ's optimizer
+        self.groups: dict[int, tuple[int, ...]] = {}  # seed -> the seeds sharing its φ (itself: per seed)
+        self.pending: dict[int, dict] = {}  # seed -> its checkpointed φ, restored when it next steps
+        self.said_alone = False
 
     # ---- particles ------------------------------------------------------------------------
+    def new_group(self, group: tuple[int, ...], device: torch.device) -> nn.Module:
+        """A fresh φ and optimizer for the seeds `group`; a group of one is drawn as per seed."""
+        generator = torch.Generator().manual_seed(text_seed("vsd-phi:" + ",".join(str(s) for s in sorted(group))))
+        phi = self.score.new_particle(generator).to(device)
+        optimizer = torch.optim.AdamW(
+            phi.parameters(), lr=self.lr, betas=tuple(self.cfg.phi_betas), eps=self.cfg.phi_eps,
+            weight_decay=self.cfg.phi_weight_decay,
+        )  # fmt: skip
+        for seed in group:
+            self.particles[seed], self.optimizers[seed], self.groups[seed] = phi, optimizer, group
+        return phi
+
     def particle(self, seed: int, device: torch.device) -> nn.Module:
+        """The seed's φ, a φ of its own when it has none yet."""
         if seed not in self.particles:
-            generator = torch.Generator().manual_seed(text_seed(f"vsd-phi:{seed}"))
-            phi = self.score.new_particle(generator).to(device)
-            self.particles[seed] = phi
-            self.optimizers[seed] = torch.optim.AdamW(
-                phi.parameters(), lr=self.lr, betas=tuple(self.cfg.phi_betas), eps=self.cfg.phi_eps,
-                weight_decay=self.cfg.phi_weight_decay,
-            )  # fmt: skip
+            self.new_group((seed,), device)
         return self.particles[seed]
 
+    def particles_for(self, seeds: list[int], device: torch.device) -> list[nn.Module]:
+        """Each row's φ for one step of the seeds `seeds` (one per row): restores checkpointed φ,
+        and in shared mode gives the batch's seeds one φ."""
+        batch = list(dict.fromkeys(seeds))
+        self.restore(batch, device)
+        if self.cfg.particles == "shared":
+            self.join(batch, device)
+        return [self.particle(seed, device) for seed in seeds]
+
+    def join(self, batch: list[int], device: torch.device) -> None:
+        """Shared mode: the batch's seeds get one new φ, or already share one (a subset of its
+        seeds: the others finished or diverged)."""
+        known = {self.groups[s] for s in batch if s in self.groups}
+        if not known:
+            if len(batch) == 1 and not self.said_alone:
+                self.said_alone = True
+                console.print(f"guidance.particles=shared: seed {batch[0]} is alone in its seed batch, so it has "
+                              "a φ of its own (as per_seed); particles that share φ are the seeds of one batch "
+                              "(trainer.seed_batch).", markup=False)
+            self.new_group(tuple(batch), device)
+        elif len(known) > 1 or any(s not in self.groups for s in batch):
+            raise UserError(self.regroup_message(batch))
+
+    def regroup_message(self, batch: list[int]) -> str:
+        shared = sorted({self.groups[s] for s in batch if s in self.groups})
+        return (f"guidance.particles=shared: seeds {batch} step together but their φ was shared by the seed "
+                f"batches {[list(g) for g in shared]}; resume with the trainer.seed_batch the run was started "
+                "with (the particles sharing φ are the seeds of one batch).")
+
     def state_for(self, seed: int) -> dict:
+        if seed in self.pending:
+            return self.pending[seed]
         if seed not in self.particles:
             return {}
-        return {"seed": seed, "phi": self.particles[seed].state_dict(), "phi_optimizer": self.optimizers[seed].state_dict()}
+        return {"seed": seed, "group": list(self.groups[seed]), "phi": self.particles[seed].state_dict(),
+                "phi_optimizer": self.optimizers[seed].state_dict()}
 
     def load_state(self, state: dict) -> None:
-        if "phi" not in state:
-            return
-        device = next(iter(state["phi"].values())).device
-        phi = self.particle(state["seed"], device)
-        phi.load_state_dict(state["phi"])
-        self.optimizers[state["seed"]].load_state_dict(state["phi_optimizer"])
+        """Kept until the seed's next step (`restore`): the seeds that share a φ are checked then."""
+        if "phi" in state:
+            self.pending[state["seed"]] = state
+
+    def restore(self, batch: list[int], device: torch.device) -> None:
+        """Load the checkpointed φ of the batch's seeds, once per shared φ, after checking that the
+        copies of the seeds stepping together are identical (they were saved at the same step)."""
+        by_group: dict[tuple[int, ...], list[int]] = {}
+        for seed in batch:
+            if seed in self.pending:
+                by_group.setdefault(tuple(self.pending[seed].get("group", [seed])), []).append(seed)
+        for group, seeds in by_group.items():
+            if len(group) > 1 and self.cfg.particles == "per_seed":
+                raise UserError(f"seed {seeds[0]}'s checkpoint holds a φ shared by seeds {list(group)} "
+                                "(guidance.particles=shared); resume with guidance.particles=shared.")
+            if any(s in self.groups for s in group):
+                raise UserError(self.regroup_message(batch))
+            first = self.pending[seeds[0]]
+            for seed in seeds[1:]:
+                if not same_state(first, self.pending[seed], skip=("seed",)):
+                    raise UserError(f"the checkpoints of seeds {seeds[0]} and {seed} hold different copies of their "
+                                    "shared φ (guidance.particles=shared): they were not saved at the same step. "
+                                    "Restart these seeds (delete their seed_<s> directories) or resume each from "
+                                    "a checkpoint of the same step.")
+            phi = self.new_group(group, device)
+            phi.load_state_dict(first["phi"])
+            self.optimizers[seeds[0]].load_state_dict(first["phi_optimizer"])
+            for seed in group:
+                self.pending.pop(seed, None)
 
     # ---- the method ---------------------------------------------------------------------------
     def t_range(self, ctx: GuidanceContext) -> tuple[int, int]:
@@ -317,7 +407,7 @@ class VSD(Guidance):
         return raw
 
     def grad(self, x, ctx: GuidanceContext):
-        particles = [self.particle(seed, x.device) for seed in ctx.seeds]
+        particles = self.particles_for(ctx.seeds, x.device)
         camera = camera_rows(ctx, x)
         t_min, t_max = self.t_range(ctx)
         t = ctx.per_sample(lambda g: uniform_timestep(g, t_min, t_max)).to(x.device)
@@ -352,10 +442,22 @@ class VSD(Guidance):
         with torch.enable_grad():
             loss = self.phi_loss(particles, x0, t, noise, ctx.cond, camera)
             loss.backward()
-        seeds = {id(p): s for s, p in self.particles.items()}
+        optimizers = {id(p): self.optimizers[s] for s, p in self.particles.items()}
         for particle in unique:
-            self.optimizers[seeds[id(particle)]].step()
+            optimizers[id(particle)].step()
         return float(loss.detach()) / len(unique)
+
+
+def same_state(a, b, skip: tuple[str, ...] = ()) -> bool:
+    """Two checkpointed states (nested dicts/lists of tensors and numbers) are bitwise equal."""
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(same_state(a[k], b[k]) for k in a if k not in skip))
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
 
 
 def camera_rows(ctx: GuidanceContext, like: Tensor) -> Tensor:
@@ -378,5 +480,7 @@ def check_config(cfg: VSDConfig) -> None:
     if cfg.phi_lr is not None and cfg.phi_lr <= 0 or len(cfg.phi_betas) != 2:
         raise UserError(f"guidance.phi_lr={cfg.phi_lr} must be > 0 (or null) and guidance.phi_betas="
                         f"{list(cfg.phi_betas)} two numbers.")
+    if cfg.particles not in PARTICLE_MODES:
+        raise UserError(f"guidance.particles={cfg.particles!r} is not accepted; use one of {', '.join(PARTICLE_MODES)}.")
     if not 0 <= cfg.t_max_switch <= 1:
         raise UserError(f"guidance.t_max_switch={cfg.t_max_switch} is not accepted; use a fraction in [0, 1].")
