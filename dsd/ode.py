@@ -128,11 +128,23 @@ class OdeTrajectories:
         return x0_from_eps(x, e, self.prior.alpha(self.grid[index.cpu()]).to(x.device))
 
     def state_for(self, seed: int) -> dict:
-        """The trajectories of one seed (keys are (seed, …)), for its checkpoint."""
-        return {key: traj for key, traj in self.trajectories.items() if key[0] == seed}
+        """The trajectories of one seed (keys are (seed, …)), for its checkpoint: each as its start
+        ε* and its predictions (B = 1 + k tensors); the states x(g_1..g_k) are rebuilt on load by the
+        same elementwise DDIM steps, bit for bit, so checkpoints carry half the tensors."""
+        return {key: {"start": traj.xs[0], "eps": torch.stack(traj.eps) if traj.eps else None}
+                for key, traj in self.trajectories.items() if key[0] == seed}
 
     def load_state(self, state: dict) -> None:
-        self.trajectories.update(state)
+        for key, saved in state.items():
+            if isinstance(saved, Trajectory):  # a checkpoint written before this layout
+                self.trajectories[key] = saved
+                continue
+            eps = [] if saved["eps"] is None else list(saved["eps"].unbind())
+            xs = [saved["start"]]
+            for j, e in enumerate(eps[: self.steps]):  # as _advance: x(g_{j+1}) from x(g_j), ε(g_j)
+                a = self.prior.alpha(self.grid[j : j + 2])
+                xs.append(ddim_step(xs[-1][None], e[None], a[:1], a[1:])[0])
+            self.trajectories[key] = Trajectory(xs=xs, eps=eps)
 
 
 def ddim_sample(prior: Prior, eps_star: Tensor, cond: Condition, steps: int, cfg_scale: float) -> Tensor:

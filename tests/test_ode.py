@@ -180,3 +180,25 @@ def test_cache_keeps_at_most_max_trajectories_least_recently_used_first():
     before = prior.rows_evaluated
     ode.eps_at(["a"], eps_star, cond, j)
     assert prior.rows_evaluated == before  # still cached
+
+
+def test_checkpointed_trajectories_rebuild_their_states_bit_for_bit():
+    """Checkpoints carry each trajectory's start and predictions only; the states come back exact."""
+    prior = make_prior()
+    cond = prior.condition("a cat", batch=2)
+    eps_star = torch.randn(2, *prior.sample_shape, generator=torch.Generator().manual_seed(3))
+    ode = OdeTrajectories(prior, 4, 7.5)
+    keys = [(7, "view a"), (7, "view b")]
+    ode.eps_at(keys, eps_star, cond, torch.tensor([2, 4]))  # one partial, one whole trajectory
+    saved = ode.state_for(7)
+    assert all(set(v) == {"start", "eps"} for v in saved.values())
+    restored = OdeTrajectories(prior, 4, 7.5)
+    restored.load_state(saved)
+    for key in keys:
+        a, b = ode.trajectories[key], restored.trajectories[key]
+        assert len(a.xs) == len(b.xs) and len(a.eps) == len(b.eps)
+        assert all(torch.equal(x, y) for x, y in zip(a.xs, b.xs))
+        assert all(torch.equal(x, y) for x, y in zip(a.eps, b.eps))
+    before = prior.rows_evaluated
+    restored.eps_at(keys, eps_star, cond, torch.tensor([2, 4]))
+    assert prior.rows_evaluated == before  # nothing re-simulated
