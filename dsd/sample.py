@@ -20,7 +20,7 @@ from dsd.cameras import Cameras, multiview_order
 from dsd.config import Config, resolve_device, validate
 from dsd.logging import console
 from dsd.ode import ddim_sample
-from dsd.outputs import save_grid, save_json, save_png, save_result
+from dsd.outputs import save_grid, save_json, save_png, save_result, save_views
 from dsd.run import build_prior, evaluation_cameras, reference_metrics, reference_summary
 from dsd.seeding import eps_star_rows, prior_eps_star
 
@@ -59,6 +59,7 @@ def sample(cfg: Config, run_dir: Path) -> dict:
     for seed, seed_views in zip(seeds, images):
         image = seed_views[0]  # the contract: the first evaluation view
         save_result(run_dir / f"seed_{seed}" / "result.npz", image.numpy())
+        save_views(run_dir / f"seed_{seed}" / "views.npz", seed_views.numpy())
         save_png(run_dir / f"seed_{seed}" / "final.png", image.numpy())
         shown = image if cameras is None else seed_views
         entries.append(

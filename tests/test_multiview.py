@@ -97,6 +97,11 @@ def test_multiview_ddim_lands_on_one_shape_in_every_view_where_per_view_does_not
         return summary
 
     mv = per_view_shapes("multiview")
+    from dsd.outputs import load_result, load_views
+
+    views = load_views(tmp_path / "multiview" / "seed_0" / "views.npz")  # every evaluation view, as dsd-run
+    assert views.shape == (4, 32, 32, 3)
+    assert (views[0] == load_result(tmp_path / "multiview" / "seed_0" / "result.npz")).all()
     assert all(e["reached"] for e in mv["seeds"])  # each sample IS one shape, from every view (joint PSNR)
     assert mv["distinct_references"] >= 3
     # the per-view prior from the same seeds' noise (one ε* for all views, as its trainer): the
