@@ -329,3 +329,20 @@ def test_dsd_nerf_preset_runs_on_the_analytic_prior(compose, tmp_path):
                   "camera.video_frames=0", "camera.eval_views=1", "trainer.checkpoint_every=0")
     summary = run(cfg, tmp_path)
     assert [e["steps"] for e in summary["seeds"]] == [2]
+
+
+def test_occupancy_is_computed_once_per_parameter_state():
+    """A turntable renders in chunks; the occupancy lattice is shared until the field changes."""
+    rep = nerf(eval_occupancy_res=16)
+    first = rep.occupancy()
+    assert rep.occupancy() is first  # nothing changed: reused
+    with torch.no_grad():  # an optimizer step changes the parameters in place
+        for p in rep.field.density_mlp.parameters():
+            p.mul_(-1.0)
+    changed = rep.occupancy()
+    assert changed is not first
+    fresh = nerf(eval_occupancy_res=16)
+    fresh.load_state_dict(rep.state_dict())
+    assert torch.equal(fresh.occupancy(), changed)  # the cached grid is the one a fresh computation gives
+    rep.load_state_dict(nerf(eval_occupancy_res=16).state_dict())  # a load is a change too
+    assert torch.equal(rep.occupancy(), first)

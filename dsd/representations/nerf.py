@@ -214,6 +214,7 @@ class NerfRepresentation(Representation):
         self.importance_sampler = PDFSampler(train_stratified=False, include_original=True)
         self.generator = torch.Generator().manual_seed(cfg.sample_seed)
         self._last: dict[str, Tensor] = {}
+        self._occupancy: tuple[tuple[int, ...], Tensor] | None = None  # (parameter versions, grid)
         self._last_shape: tuple[int, int, int] = (0, 0, 0)  # (V, H, W) of the last render
         self.to(device)
 
@@ -270,15 +271,21 @@ class NerfRepresentation(Representation):
     def occupancy(self) -> Tensor | None:
         """(R, R, R) bool: lattice cells whose density (dilated by one cell) reaches eval_cull_density.
         Renders without gradients skip the other samples (nerfacc's occupancy-grid idea, without
-        its training-time updates: it is recomputed for each no-grad render)."""
+        its training-time updates). Kept until a field parameter changes (an optimizer step or a
+        load bumps the tensors' in-place version counters), so a turntable's chunks share one."""
         c = self.cfg
         if c.eval_occupancy_res <= 0:
             return None
+        version = tuple(p._version for p in self.field.parameters())
+        if self._occupancy is not None and self._occupancy[0] == version:
+            return self._occupancy[1]
         axis = torch.linspace(-c.bound, c.bound, c.eval_occupancy_res, device=self.background_color.device)
         points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
         density = torch.cat([self.field.density(p)[0] for p in points.split(65536)])
         grid = density.reshape(1, 1, *(c.eval_occupancy_res,) * 3) >= c.eval_cull_density
-        return torch.nn.functional.max_pool3d(grid.float(), 3, stride=1, padding=1)[0, 0] > 0
+        occupied = torch.nn.functional.max_pool3d(grid.float(), 3, stride=1, padding=1)[0, 0] > 0
+        self._occupancy = (version, occupied)
+        return occupied
 
     def render_rays(self, origins: Tensor, directions: Tensor,
                     occupied: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
