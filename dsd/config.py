@@ -36,6 +36,13 @@ class TrainerConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only on interrupt)
     log_every: int = 10
     resume: bool = False  # continue from seed_<s>/checkpoint.pt in the run dir
+    # resume the seeds that have a checkpoint in the run dir and start the others, without the error
+    # trainer.resume=true gives for a run dir with nothing to resume: what a job that Slurm may
+    # requeue wants (a requeued Slurm job, SLURM_RESTART_COUNT > 0, does this anyway)
+    auto_resume: bool = False
+    # stop a seed after this many non-finite (skipped) steps in a row; it is reported as diverged in
+    # summary.json while the other seeds go on (0: never stop)
+    max_nonfinite_steps: int = 20
     # Reference-view loss of image-to-3D (priors with an input view: zero123, analytic mode=image),
     # relative to the guidance term (weight 1): λ_rgb·MSE(render, input over background) +
     # λ_mask·MSE(alpha, mask) at the input camera, every step. threestudio's configs/zero123.yaml
@@ -127,21 +134,27 @@ def _one_of(key: str, value: Any, accepted: tuple[str, ...]) -> None:
         raise UserError(f"{key}={value!r} is not accepted; use one of: {', '.join(accepted)}.")
 
 
+SEED_COUNT_LIMIT = 1_000_000  # seeds=N builds a list of N seeds; a sweep shards far fewer per job
+
+
 def resolve_seeds(seeds: Any) -> list[int]:
     """`seeds=[0,1,2]` is used as is; `seeds=4` means [0, 1, 2, 3]."""
+    from dsd.validation import check_seed_values
+
     bad = UserError(
         f"seeds={seeds!r} is not accepted; give a non-empty list of ints (seeds=[0,1,2,3]) "
-        "or a positive count (seeds=4)."
+        f"or a positive count up to {SEED_COUNT_LIMIT} (seeds=4)."
     )
     if isinstance(seeds, bool):
         raise bad
     if isinstance(seeds, int):
-        if seeds <= 0:
+        if not 0 < seeds <= SEED_COUNT_LIMIT:
             raise bad
         return list(range(seeds))
     if isinstance(seeds, (list, tuple)) and seeds:
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
             raise bad
+        check_seed_values(list(seeds))
         if len(set(seeds)) != len(seeds):
             raise UserError(f"seeds={list(seeds)} repeats a seed; each seed must appear once.")
         return list(seeds)
@@ -149,55 +162,38 @@ def resolve_seeds(seeds: Any) -> list[int]:
 
 
 def _validate_camera(cam: CameraConfig) -> None:
+    """Ranges are [low, high] pairs; the values themselves are checked by dsd.validation.RULES."""
     for key in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
         lo_hi = list(getattr(cam, key))
         if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
-            raise UserError(f"camera.{key}={lo_hi} must be [low, high] with low <= high.")
-    if not -90 <= cam.elevation_range[0] <= cam.elevation_range[1] <= 90:
-        raise UserError(f"camera.elevation_range={list(cam.elevation_range)} must lie within [-90, 90] degrees.")
-    if not 0 < cam.fovy_range[0] <= cam.fovy_range[1] < 180:
-        raise UserError(f"camera.fovy_range={list(cam.fovy_range)} must lie strictly between 0 and 180 degrees.")
-    if cam.distance_range[0] <= 0:
-        raise UserError(f"camera.distance_range={list(cam.distance_range)} must be positive distances.")
-    for key in ("camera_perturb", "center_perturb", "up_perturb", "quantize_deg"):
-        if getattr(cam, key) < 0:
-            raise UserError(f"camera.{key}={getattr(cam, key)} must be >= 0 (0 turns it off).")
-    if not 0 <= cam.elevation_sphere_prob <= 1:
-        raise UserError(f"camera.elevation_sphere_prob={cam.elevation_sphere_prob} must be a probability in [0, 1].")
-    if cam.views_per_step <= 0 or cam.eval_views <= 0 or cam.video_frames < 0:
+            raise UserError(f"camera.{key}={lo_hi} is not accepted; use [low, high] with low <= high.")
+
+
+def _check_wandb_key(mode: str) -> None:
+    """wandb.mode=online needs an API key; W&B would fail later with its own traceback. Checked
+    here, without the network (a wrong key still fails in wandb.init, see dsd.cli)."""
+    from dsd.logging import resolve_wandb_mode, wandb_key_configured
+
+    if mode == "online" and resolve_wandb_mode(mode) == "online" and not wandb_key_configured():
         raise UserError(
-            f"camera.views_per_step={cam.views_per_step} and camera.eval_views={cam.eval_views} must be "
-            f"positive, camera.video_frames={cam.video_frames} >= 0."
+            "wandb.mode=online needs a W&B API key and none is configured; run `wandb login` or set "
+            "WANDB_API_KEY, or use wandb.mode=offline (upload later with `wandb sync`) or wandb.mode=disabled."
         )
-    if cam.resolution is not None and cam.resolution < 8:
-        raise UserError(f"camera.resolution={cam.resolution} must be >= 8 (or null for the prior's size).")
 
 
 def validate(cfg: Config) -> list[int]:
     """Check values that types alone cannot; returns the resolved seed list."""
+    from dsd.validation import check_values
+
     if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
         raise UserError(f'prompt={cfg.prompt!r} is empty; give a text prompt, e.g. prompt="a corgi".')
     seeds = resolve_seeds(cfg.seeds)
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.optimizer", cfg.trainer.optimizer, ("adam", "sgd"))
     _one_of("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
-    for key, value in (
-        ("trainer.steps", cfg.trainer.steps),
-        ("trainer.seed_batch", cfg.trainer.seed_batch),
-        ("sampler.steps", cfg.sampler.steps),
-    ):
-        if value <= 0:
-            raise UserError(f"{key}={value} must be a positive integer.")
+    check_values(cfg)  # finite numbers, step counts, t ranges, CFG scales, camera angles, ...
     _validate_camera(cfg.camera)
-    if cfg.trainer.lr <= 0:
-        raise UserError(f"trainer.lr={cfg.trainer.lr} must be positive.")
-    if cfg.trainer.lambda_rgb < 0 or cfg.trainer.lambda_mask < 0:
-        raise UserError(
-            f"trainer.lambda_rgb={cfg.trainer.lambda_rgb} and trainer.lambda_mask={cfg.trainer.lambda_mask} "
-            "must be >= 0 (0 turns the reference-view loss off)."
-        )
-    if cfg.trainer.checkpoint_every < 0:
-        raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every} must be >= 0.")
+    _check_wandb_key(cfg.wandb.mode)
     return seeds
 
 

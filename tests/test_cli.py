@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 BIN = Path(sys.executable).parent
 
@@ -89,3 +90,14 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_an_experiment_preset_sets_prompt_and_seeds(tmp_path):
+    """A preset's top-level values win over config.yaml's defaults (config.yaml lists _self_ first)."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nprompt: a teapot\nseeds: [5, 6]\n")
+    proc = subprocess.run([str(BIN / "dsd-run"), f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine",
+                           "--cfg", "job"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    composed = yaml.safe_load(proc.stdout)
+    assert composed["prompt"] == "a teapot" and composed["seeds"] == [5, 6]
