@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from dsd.errors import UserError
 
 
 def _create_temp_beside(path: Path) -> tuple[int, Path]:
@@ -27,27 +30,68 @@ def _create_temp_beside(path: Path) -> tuple[int, Path]:
             continue
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def unwritable(path: Path, err: OSError) -> UserError:
+    """A failed write (disk full, read-only or missing directory, name too long) as one sentence
+    naming the file; the CLI shows it without a traceback."""
+    return UserError(f"could not write {path}: {err.strerror or err}. Free disk space or fix the permissions "
+                     "of the run dir (hydra.run.dir), then continue with trainer.resume=true.")
+
+
+def atomic_write_bytes(path: Path, data: bytes, previous: Path | None = None) -> None:
+    """Write `path` through a temporary file renamed into place; with `previous`, the file being
+    replaced is first renamed to `previous` (a fallback if the new one is ever damaged)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp_beside(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp_beside(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise unwritable(path, err) from None
         raise
 
 
+def remove_orphaned_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed process left behind (only the names this module
+    creates: .<name>.<8 hex>.tmp and .<stem>.tmp<suffix>). Call it only while holding the run
+    dir's lock, so no live writer owns them."""
+    removed = []
+    for tmp in Path(run_dir).rglob(".*.tmp*"):
+        if tmp.is_file() and TEMPORARY_NAME.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp|\..+\.tmp\.mp4")
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON has no NaN or inf (a diverged seed's metrics): they are written as null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def save_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
-def save_torch(path: Path, obj: Any) -> None:
+def save_torch(path: Path, obj: Any, previous: Path | None = None) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), previous)
 
 
 def save_result(path: Path, image: np.ndarray) -> None:
@@ -76,7 +120,8 @@ def load_result(path: Path) -> np.ndarray:
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(image), 0, 1) * 255 + 0.5).astype(np.uint8)
+    # NaN (a diverged seed) shows as black instead of an undefined cast
+    return (np.nan_to_num(np.clip(np.asarray(image), 0, 1), nan=0.0) * 255 + 0.5).astype(np.uint8)
 
 
 def upscale(image: np.ndarray, min_size: int = 256) -> Image.Image:
@@ -130,8 +175,10 @@ def save_video(path: Path, frames: np.ndarray, fps: int = 24) -> None:
             for frame in frames:
                 writer.append_data(to_uint8(frame))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise unwritable(path, err) from None
         raise
 
 
@@ -141,3 +188,42 @@ def save_grid(path: Path, images: list[np.ndarray], labels: list[str]) -> Image.
     grid.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return grid
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir (`.dsd-run.lock`), so two processes never interleave their
+    checkpoints. A POSIX record lock (fcntl.lockf, which NFS supports) dies with its process, so a
+    killed run leaves no stale lock: the file stays, the lock does not."""
+
+    NAME = ".dsd-run.lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunDirLock:
+        import fcntl
+        import socket
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise unwritable(self.path, err) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent} is in use by another dsd-run ({holder}); wait for it to finish or "
+                "give this run another hydra.run.dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,10 +16,23 @@ from dsd import registry
 from dsd.cameras import Cameras, eval_cameras, multiview_order, turntable
 from dsd.config import Config, resolve_device, validate
 from dsd.errors import UserError
-from dsd.logging import RunLogger, console, make_progress
+from dsd.logging import RunLogger, console, make_progress, report_error
 from dsd.metrics.reference import nearest_reference, psnr, reach_threshold_db, summarize_references
-from dsd.outputs import save_grid, save_json, save_png, save_result, save_video, save_views
-from dsd.trainer import SeedState, Trainer
+from dsd.outputs import (
+    RunDirLock,
+    remove_orphaned_temporaries,
+    save_grid,
+    save_json,
+    save_png,
+    save_result,
+    save_video,
+    save_views,
+    unwritable,
+)
+from dsd.trainer import Interrupted, SeedState, Trainer, finite_or_none, has_checkpoint
+
+# trainer keys that do not change a seed's result, so a resumed run may change them
+RESUMABLE_TRAINER_KEYS = ("resume", "auto_resume", "checkpoint_every", "log_every", "seed_batch", "max_nonfinite_steps")
 
 
 def build_prior(cfg: Config, device: torch.device):
@@ -137,17 +152,65 @@ def seed_entry(state: SeedState, metrics: dict) -> dict:
         "wall_s": round(state.wall_s, 4),
         "prior_rows": state.prior_rows,
         "skipped_steps": state.skipped_steps,
-        "final_loss": state.losses[-1] if state.losses else None,
+        "diverged": state.diverged,
+        "final_loss": finite_or_none(state.losses[-1] if state.losses else None),
         **metrics,
     }
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so a difference is named by its config key."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_fingerprint(cfg: Config) -> dict:
+    """The config keys a checkpoint must share with the run that resumes it (JSON values)."""
+    trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in RESUMABLE_TRAINER_KEYS}
+    tree = {"prompt": cfg.prompt, "guidance": asdict(cfg.guidance), "prior": asdict(cfg.prior),
+            "representation": asdict(cfg.representation), "camera": asdict(cfg.camera), "trainer": trainer}
+    return flatten(json.loads(json.dumps(tree, default=str)))
+
+
+def requeued_slurm_job() -> bool:
+    """Slurm counts the times a job was requeued (preemption, submitit's requeue at the time limit)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+
+
+def resume_mode(cfg: Config, run_dir: Path, seeds: list[int]) -> bool:
+    """Whether to load the run dir's checkpoints. trainer.resume=true insists that there is
+    something to resume; trainer.auto_resume (and a requeued Slurm job) takes what exists."""
+    if cfg.trainer.resume and not any(has_checkpoint(run_dir, seed) for seed in seeds):
+        raise UserError(
+            f"trainer.resume=true but {run_dir} holds no seed_<s>/checkpoint.pt for seeds {seeds}: nothing to resume "
+            "there. Point hydra.run.dir at the interrupted run's directory, or use trainer.auto_resume=true to "
+            "resume whatever exists and start the rest."
+        )
+    return cfg.trainer.resume or cfg.trainer.auto_resume or requeued_slurm_job()
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
-    """Optimize one representation per seed; returns the summary written to summary.json."""
+    """Optimize one representation per seed; returns the summary written to summary.json. Holds
+    the run dir's lock throughout, so a second process cannot write the same run dir."""
     seeds = validate(cfg)
     device = resolve_device(cfg.device)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise unwritable(run_dir, err) from None
+    with RunDirLock(run_dir):
+        remove_orphaned_temporaries(run_dir)  # a killed run's half-written files
+        resume = resume_mode(cfg, run_dir, seeds)
+        return run_locked(cfg, run_dir, seeds, device, resume)
+
+
+def run_locked(cfg: Config, run_dir: Path, seeds: list[int], device: torch.device, resume: bool) -> dict:
     started = time.perf_counter()
 
     prior = build_prior(cfg, device)
@@ -181,35 +244,58 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 }
             )
 
-    trainer = Trainer(prior, guidance, cfg.prompt, cfg.trainer, run_dir, make_rep, device, on_step, cfg.camera)
+    trainer = Trainer(prior, guidance, cfg.prompt, cfg.trainer, run_dir, make_rep, device, on_step, cfg.camera,
+                      fingerprint=run_fingerprint(cfg))
     entries, images, is_3d = [], [], False
-    with progress:
-        for first in range(0, len(seeds), cfg.trainer.seed_batch):
-            batch_seeds = seeds[first : first + cfg.trainer.seed_batch]
-            states = [trainer.load_or_new(seed, cfg.trainer.resume) for seed in batch_seeds]
-            batch_task = progress.add_task(
-                f"seeds {batch_seeds}", total=cfg.trainer.steps * len(states), info=""
-            )
-            done = sum(s.step for s in states)
-            progress.advance(batch_task, done)
-            progress.advance(total, done)
-            trainer.optimize(states)
-            is_3d = states[0].representation.is_3d
-            for state in states:
-                entry, views = write_seed_outputs(state, prior, cfg, run_dir / f"seed_{state.seed}")
-                entries.append(entry)
-                images.append(views)
-                reached = f", ref {entry['nearest_reference']} at {entry['psnr_to_reference']:.1f} dB" if "nearest_reference" in entry else ""
-                console.print(f"seed {state.seed}: {state.step} steps{reached}", markup=False)
-            progress.remove_task(batch_task)
-            logger.log_images(
-                {
-                    f"seed_{e['seed']}/final": np.concatenate(list(im), axis=1)
-                    for e, im in zip(entries[-len(states) :], images[-len(states) :])
-                }
-            )
-            logger.log_videos({f"seed_{s.seed}/turntable": run_dir / f"seed_{s.seed}" / "turntable.mp4" for s in states})
+    try:
+        with progress:
+            for first in range(0, len(seeds), cfg.trainer.seed_batch):
+                batch_seeds = seeds[first : first + cfg.trainer.seed_batch]
+                states = [trainer.load_or_new(seed, resume) for seed in batch_seeds]
+                batch_task = progress.add_task(f"seeds {batch_seeds}", total=cfg.trainer.steps * len(states), info="")
+                done = sum(s.step for s in states)
+                progress.advance(batch_task, done)
+                progress.advance(total, done)
+                trainer.optimize(states)
+                is_3d = states[0].representation.is_3d
+                for state in states:
+                    entry, views = write_seed_outputs(state, prior, cfg, run_dir / f"seed_{state.seed}")
+                    entries.append(entry)
+                    images.append(views)
+                    console.print(seed_line(entry), markup=False)
+                progress.remove_task(batch_task)
+                logger.log_images(
+                    {
+                        f"seed_{e['seed']}/final": np.concatenate(list(im), axis=1)
+                        for e, im in zip(entries[-len(states) :], images[-len(states) :])
+                    }
+                )
+                logger.log_videos({f"seed_{s.seed}/turntable": run_dir / f"seed_{s.seed}" / "turntable.mp4" for s in states})
+    except KeyboardInterrupt as err:
+        raise report_interrupt(err, trainer, run_dir) from None
+    return write_summary(cfg, run_dir, prior, logger, entries, images, is_3d, started)
 
+
+def seed_line(entry: dict) -> str:
+    reached = f", ref {entry['nearest_reference']} at {entry['psnr_to_reference']:.1f} dB" if "nearest_reference" in entry else ""
+    diverged = f" (diverged: {entry['skipped_steps']} non-finite steps)" if entry["diverged"] else ""
+    return f"seed {entry['seed']}: {entry['steps']} steps{reached}{diverged}"
+
+
+def report_interrupt(err: KeyboardInterrupt, trainer: Trainer, run_dir: Path) -> Interrupted:
+    """Tell the user what is on disk and how to continue; returns the Interrupted to raise."""
+    import signal
+
+    if not isinstance(err, Interrupted):  # a Ctrl-C outside the training loop, or a second one
+        err = Interrupted(signal.SIGINT, trainer.interrupted_message(signal.SIGINT))
+    hint = f" Continue with trainer.resume=true hydra.run.dir={run_dir}" if trainer.saved else ""
+    report_error(err.message + hint)
+    err.reported = True
+    return err
+
+
+def write_summary(cfg: Config, run_dir: Path, prior, logger, entries: list[dict], images: list, is_3d: bool,
+                  started: float) -> dict:
     labels = [
         f"seed {e['seed']}" + (f"  ref {e['nearest_reference']}" if "nearest_reference" in e else "")
         for e in entries

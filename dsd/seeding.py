@@ -3,6 +3,9 @@ global RNG, on the other seeds of its batch, or on the batch size."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from dsd.priors.procedural import text_seed
@@ -31,3 +34,14 @@ def eps_star_rows(eps_star: torch.Tensor, rows: int, views_per_sample: int) -> t
     if views_per_sample == 1:
         return eps_star.expand(rows, *eps_star.shape)
     return eps_star[torch.arange(rows) % views_per_sample]
+
+
+@contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside, torch's global RNG starts from a state of `seed` alone, and is restored after: code
+    that draws from it (a library's parameter init, e.g. the NeRF's hash grid) gives a seed the
+    same numbers whatever ran before in the process (another run, a resume, other seeds)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(text_seed(f"init:{seed}"))
+        yield

@@ -7,6 +7,9 @@ other seeds share its batch.
 
 from __future__ import annotations
 
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +20,13 @@ from torch import Tensor
 
 from dsd.cameras import Cameras, eval_cameras, multiview_order, sample_cameras, sample_multiview_cameras
 from dsd.config import CameraConfig, TrainerConfig
+from dsd.errors import UserError
 from dsd.guidance.base import Guidance, GuidanceContext
+from dsd.logging import console
 from dsd.outputs import save_torch
 from dsd.priors.base import Prior, per_row
 from dsd.representations.base import Representation
-from dsd.seeding import eps_star_rows, prior_eps_star, step_generator
+from dsd.seeding import eps_star_rows, prior_eps_star, seeded_global_rng, step_generator
 
 
 def view_count(cameras: Cameras | None) -> int:
@@ -41,7 +46,62 @@ class SeedState:
     prior_rows: float = 0.0  # prior rows attributed to this seed (its share of each batched call)
     wall_s: float = 0.0
     skipped_steps: int = 0  # steps skipped by the NaN guard
-    losses: list[float] = field(default_factory=list)
+    nonfinite_in_a_row: int = 0  # consecutive skipped steps; trainer.max_nonfinite_steps stops the seed
+    diverged: bool = False  # stopped for too many non-finite steps in a row
+    losses: list[float] = field(default_factory=list)  # NaN/inf where the step's gradient was not finite
+    in_step: bool = False  # a step has started (drawn randomness) but not finished: not a resumable state
+    saved_step: int | None = None  # step of the checkpoint on disk written or read by this process
+
+
+# Signals that ask a run to stop: Ctrl-C, SIGTERM (Slurm before preemption and at the time limit),
+# SIGUSR1 and SIGUSR2 (Slurm's --signal; submitit's default preemption signal is USR2,
+# submitit/core/job_environment.py:35).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on a signal after checkpointing at a step boundary. A KeyboardInterrupt, so
+    whatever handles Ctrl-C handles it; `exit_code` is the shell's 128 + signal number, nonzero so
+    that Slurm/submitit treat the job as not finished."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.message, self.exit_code = signum, message, 128 + int(signum)
+        self.reported = False  # set once the message was shown to the user
+
+
+class StopRequests:
+    """While active (main thread only: Python delivers signals there), a stop signal is recorded
+    instead of raising, so the step in progress finishes and the loop stops at the next step
+    boundary. A second Ctrl-C raises KeyboardInterrupt at once (the step in progress is then
+    discarded: its seeds keep their last checkpoint)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    def pass_on(self) -> None:
+        """After checkpointing: let the handler that was installed before ours act (submitit's
+        requeues the job and exits); Ctrl-C's default handler is left out, we raise ourselves."""
+        previous = self.previous.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)
 
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
@@ -63,8 +123,12 @@ class Trainer:
         device: torch.device,
         on_step: Callable[[list[SeedState], dict], None] | None = None,
         camera_cfg: CameraConfig | None = None,
+        fingerprint: dict | None = None,
     ) -> None:
         self.prior, self.guidance, self.prompt, self.cfg = prior, guidance, prompt, cfg
+        # what a checkpoint must have been written with to be resumed by this run (see run.py)
+        self.fingerprint = fingerprint
+        self.saved: dict[int, int] = {}  # seed -> step of its checkpoint on disk (written or resumed)
         self.run_dir, self.make_representation, self.device = Path(run_dir), make_representation, device
         self.on_step = on_step
         self.camera_cfg = camera_cfg or CameraConfig()
@@ -76,10 +140,17 @@ class Trainer:
 
     # ---- state, checkpoints -------------------------------------------------------------
     def checkpoint_path(self, seed: int) -> Path:
-        return self.run_dir / f"seed_{seed}" / "checkpoint.pt"
+        return checkpoint_files(self.run_dir, seed)[0]
+
+    def previous_checkpoint_path(self, seed: int) -> Path:
+        return checkpoint_files(self.run_dir, seed)[1]
+
+    def has_checkpoint(self, seed: int) -> bool:
+        return has_checkpoint(self.run_dir, seed)
 
     def new_state(self, seed: int) -> SeedState:
-        representation = self.make_representation().to(self.device)
+        with seeded_global_rng(seed, torch.device(self.device)):
+            representation = self.make_representation().to(self.device)
         return SeedState(
             seed=seed,
             representation=representation,
@@ -99,10 +170,14 @@ class Trainer:
         return optimizer
 
     def save(self, state: SeedState) -> None:
+        """checkpoint.pt of a seed at a step boundary; the one it replaces becomes checkpoint.prev.pt."""
+        assert not state.in_step, "a seed in the middle of a step is not a resumable state"
+        path = self.checkpoint_path(state.seed)
         save_torch(
-            self.checkpoint_path(state.seed),
+            path,
             {
                 "seed": state.seed,
+                "config": self.fingerprint,
                 "step": state.step,
                 "initialized": state.initialized,
                 "representation": state.representation.state_dict(),
@@ -111,26 +186,82 @@ class Trainer:
                 "prior_rows": state.prior_rows,
                 "wall_s": state.wall_s,
                 "skipped_steps": state.skipped_steps,
+                "nonfinite_in_a_row": state.nonfinite_in_a_row,
+                "diverged": state.diverged,
                 "losses": state.losses,
                 "guidance": self.guidance.state_for(state.seed),
             },
+            previous=self.previous_checkpoint_path(state.seed),
         )
+        state.saved_step = self.saved[state.seed] = state.step
 
     def load_or_new(self, seed: int, resume: bool) -> SeedState:
+        """The seed's state from its checkpoint when resuming (checkpoint.pt, else the previous
+        one when checkpoint.pt is damaged, with a warning), else a fresh one."""
         state = self.new_state(seed)
-        path = self.checkpoint_path(seed)
-        if not (resume and path.exists()):
+        if not (resume and self.has_checkpoint(seed)):
             return state
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        state.representation.load_state_dict(ckpt["representation"])
-        # rebuilt: loading may replace parameters (a densified representation changes size)
-        state.optimizer = self.make_optimizer(state.representation)
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-        state.generator.set_state(ckpt["generator"])
-        for key in ("step", "initialized", "prior_rows", "wall_s", "skipped_steps", "losses"):
-            setattr(state, key, ckpt[key])
-        self.guidance.load_state(ckpt["guidance"])
+        path, previous = self.checkpoint_path(seed), self.previous_checkpoint_path(seed)
+        try:
+            self.restore(state, path)
+        except (UnreadableCheckpoint, FileNotFoundError) as err:
+            if not previous.exists():
+                raise UserError(f"{err} No previous checkpoint ({previous.name}) to fall back to; "
+                                "delete the seed's directory to start it again.") from None
+            state = self.new_state(seed)
+            try:
+                self.restore(state, previous)
+            except UnreadableCheckpoint as err_previous:
+                raise UserError(f"{err} The previous one is unusable too: {err_previous}") from None
+            console.print(f"[yellow]warning:[/yellow] {err} Resuming seed {seed} from {previous} "
+                          f"(step {state.step}) instead.", markup=True)
         return state
+
+    def restore(self, state: SeedState, path: Path) -> None:
+        """Load `path` into the fresh `state`; raises UnreadableCheckpoint for a damaged file and
+        UserError for a checkpoint of another run config."""
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            if not isinstance(ckpt, dict) or "representation" not in ckpt:
+                raise ValueError("not a dsd checkpoint")
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch.load raises many types for a truncated or foreign file
+            raise UnreadableCheckpoint(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}).") from None
+        self.check_same_run(ckpt, path, state.seed)
+        try:
+            state.representation.load_state_dict(ckpt["representation"])
+            # rebuilt: loading may replace parameters (a densified representation changes size)
+            state.optimizer = self.make_optimizer(state.representation)
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            state.generator.set_state(ckpt["generator"])
+            for key in ("step", "initialized", "prior_rows", "wall_s", "skipped_steps", "losses"):
+                setattr(state, key, ckpt[key])
+            state.nonfinite_in_a_row = ckpt.get("nonfinite_in_a_row", 0)
+            state.diverged = ckpt.get("diverged", False)
+            self.guidance.load_state(ckpt["guidance"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise UserError(
+                f"{path} does not fit this run ({type(err).__name__}: {str(err).splitlines()[0]}); it was written "
+                "by another configuration or version. Resume with the config it was written with, or use a new "
+                "hydra.run.dir."
+            ) from None
+        state.saved_step = self.saved[state.seed] = state.step
+
+    def check_same_run(self, ckpt: dict, path: Path, seed: int) -> None:
+        """Refuse a checkpoint written by another seed or run config (prompt, guidance, prior, ...)."""
+        if ckpt.get("seed") != seed:
+            raise UserError(f"{path} belongs to seed {ckpt.get('seed')!r}, not seed {seed}; the run dir was altered.")
+        theirs = ckpt.get("config")
+        if theirs is None or self.fingerprint is None:  # written before fingerprints existed
+            return
+        differ = sorted(key for key in set(theirs) | set(self.fingerprint) if theirs.get(key) != self.fingerprint.get(key))
+        if differ:
+            shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this run {self.fingerprint.get(k)!r}" for k in differ[:3])
+            raise UserError(
+                f"{path} was written by another run config ({shown}). Resume with the same settings, "
+                "or start a new run in another hydra.run.dir."
+            )
 
     # ---- the loop ---------------------------------------------------------------------------
     def render_size(self, state: SeedState, step: int) -> int:
@@ -192,13 +323,17 @@ class Trainer:
             state.initialized = True
 
     def step(self, states: list[SeedState], step: int) -> dict:
-        """One optimization step for seeds that are all at `step`."""
+        """One optimization step for seeds that are all at `step`. Until it returns, the seeds are
+        marked in_step: an exception in between leaves them unfit to checkpoint."""
+        for state in states:
+            state.in_step = True
         start, rows_before = time.perf_counter(), self.prior.rows_evaluated
         cameras = self.training_cameras(states, step)
         renders = torch.cat([s.representation.render(c) for s, c in zip(states, cameras)])  # (B, C, H, W)
         x = renders if states[0].representation.outputs_prior_space else self.prior.encode(renders)
         grad, info = self.guidance.grad(x.detach(), self.context(states, step, cameras))
         finite = torch.isfinite(grad).flatten(1).all(1)  # NaN guard: such a row adds nothing
+        raw_grad = grad.detach()  # for the reported loss: a skipped step reports its NaN/inf, not 0
         grad = torch.where(finite.reshape(-1, 1, 1, 1), grad, torch.zeros_like(grad))
         # d/dx of Σ x·grad/V is grad/V: each seed's parameters get the mean of its own views'
         # gradients, as the official loss 0.5·‖x − (x − grad)‖²/batch_size (BillyXYB/Diverse-Score-
@@ -220,13 +355,29 @@ class Trainer:
             if bool(finite[own].all()):
                 state.optimizer.step()
                 state.representation.after_step(step, state.optimizer)
+                state.nonfinite_in_a_row = 0
             else:
                 state.skipped_steps += 1
-            state.losses.append(0.5 * float((grad[own] ** 2).sum()) / views)  # official loss_dsd value
+                state.nonfinite_in_a_row += 1
+            state.losses.append(0.5 * float((raw_grad[own] ** 2).sum()) / views)  # official loss_dsd value
             state.step += 1
             state.prior_rows += rows
             state.wall_s += elapsed / len(states)
+        for state in states:
+            state.in_step = False
         return info
+
+    def stop_diverged(self, states: list[SeedState]) -> None:
+        """Stop a seed after trainer.max_nonfinite_steps skipped steps in a row (0: never)."""
+        limit = self.cfg.max_nonfinite_steps
+        for state in states:
+            if limit and not state.diverged and state.nonfinite_in_a_row >= limit:
+                state.diverged = True
+                console.print(
+                    f"[red]seed {state.seed} diverged[/red]: {state.nonfinite_in_a_row} non-finite steps in a row "
+                    f"at step {state.step} (trainer.max_nonfinite_steps={limit}); stopped it, the other seeds go on. "
+                    "Lower trainer.lr.", markup=True
+                )
 
     def reference_view_loss(self, state: SeedState) -> Tensor:
         """λ_rgb·MSE + λ_mask·MSE of the render at the prior's input camera against the input view
@@ -248,23 +399,72 @@ class Trainer:
         )
 
     def optimize(self, states: list[SeedState]) -> None:
-        """Run every state to cfg.steps; saves checkpoints on schedule and on Ctrl-C/crash."""
-        try:
-            self.initialize(states)
-            while pending := [s for s in states if s.step < self.cfg.steps]:
-                step = min(s.step for s in pending)
-                active = [s for s in pending if s.step == step]
-                info = self.step(active, step)
-                if self.on_step is not None:
-                    self.on_step(active, info)
-                every = self.cfg.checkpoint_every
-                if every and (step + 1) % every == 0 and step + 1 < self.cfg.steps:
-                    for state in active:
-                        self.save(state)
-        except BaseException:
-            for state in states:  # keep what was done; resume with trainer.resume=true
-                if state.step > 0:
-                    self.save(state)
-            raise
+        """Run every state to cfg.steps (or until it diverges); saves checkpoints on schedule, at the
+        end, and on a crash or a stop signal (Ctrl-C, SIGTERM, SIGUSR1/2): a signal lets the step in
+        progress finish, checkpoints every seed at that step boundary and raises Interrupted."""
+        with StopRequests() as stop:
+            try:
+                self.initialize(states)
+                while stop.signum is None and (pending := self.pending(states)):
+                    step = min(s.step for s in pending)
+                    active = [s for s in pending if s.step == step]
+                    info = self.step(active, step)
+                    if self.on_step is not None:
+                        self.on_step(active, info)
+                    self.stop_diverged(active)
+                    every = self.cfg.checkpoint_every
+                    if every and (step + 1) % every == 0 and step + 1 < self.cfg.steps:
+                        for state in active:
+                            self.save(state)
+                if stop.signum is not None:
+                    self.save_resumable(states)
+                    stop.pass_on()
+                    raise Interrupted(stop.signum, self.interrupted_message(stop.signum, states))
+            except Interrupted:
+                raise
+            except BaseException:
+                if stop.signum is None:  # a crash; after a second Ctrl-C the user wants out now
+                    self.save_resumable(states)  # keep what was done; resume with trainer.resume=true
+                raise
+            self.save_resumable(states)
+
+    def pending(self, states: list[SeedState]) -> list[SeedState]:
+        return [s for s in states if s.step < self.cfg.steps and not s.diverged]
+
+    def save_resumable(self, states: list[SeedState]) -> None:
+        """Checkpoint the seeds that are at a step boundary and moved since their last checkpoint.
+        A seed caught in the middle of a step keeps its last checkpoint (its random streams have
+        moved on, so saving it would break a bit-exact resume)."""
         for state in states:
-            self.save(state)
+            if state.step > 0 and not state.in_step and state.saved_step != state.step:
+                self.save(state)
+
+    def interrupted_message(self, signum: int, states: list[SeedState] | None = None) -> str:
+        """What is on disk, in the user's words (true by construction: recorded at each save/load)."""
+        name = signal.Signals(signum).name
+        if not self.saved:
+            return f"interrupted by {name}: no checkpoint was saved (no step had finished)."
+        by_step: dict[int, list[int]] = {}
+        for seed, step in sorted(self.saved.items()):
+            by_step.setdefault(step, []).append(seed)
+        where = "; ".join(f"at step {step} for seeds {seeds}" for step, seeds in sorted(by_step.items()))
+        return f"interrupted by {name}: checkpoints saved {where}."
+
+
+def checkpoint_files(run_dir: Path, seed: int) -> tuple[Path, Path]:
+    """A seed's checkpoint and the one before it (the fallback for a damaged checkpoint.pt)."""
+    seed_dir = Path(run_dir) / f"seed_{seed}"
+    return seed_dir / "checkpoint.pt", seed_dir / "checkpoint.prev.pt"
+
+
+def has_checkpoint(run_dir: Path, seed: int) -> bool:
+    return any(path.exists() for path in checkpoint_files(run_dir, seed))
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that torch cannot load (truncated, garbage); the message names the file."""
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN/inf: a non-finite loss is reported as null."""
+    return value if value is not None and math.isfinite(value) else None
