@@ -1,5 +1,7 @@
 """CFD (guidance=cfd): the world-map noise's consistency and variance, the gradient against its formula
-written out here, the official t schedule, end to end on 2D/3D analytic and the tiny SD, bad config."""
+written out here, the official t schedule, end to end on 2D/3D analytic and the tiny SD, bad config;
+noise=gaussians: rendered per-gaussian noise (unit variance, per seed, consistent across views, its
+gradient against a compositor written here, densification bookkeeping, resume)."""
 
 import math
 
@@ -13,6 +15,8 @@ from dsd.guidance.base import GuidanceContext
 from dsd.guidance.cfd import CFD, CFDConfig, cfd_timestep, world_map, world_map_noise
 from dsd.outputs import load_result
 from dsd.priors.analytic import AnalyticPrior, AnalyticPriorConfig
+from dsd.priors.procedural import text_seed
+from dsd.representations.gaussians import GaussiansConfig, GaussiansRepresentation
 from dsd.run import run
 from dsd.seeding import seed_noise, step_generator
 
@@ -86,10 +90,11 @@ def test_world_map_noise_has_unit_variance_per_pixel_and_little_neighbour_correl
     assert abs(float(horizontal)) < 0.15
 
 
-def context(prior, x, seeds, step, steps, cameras=None):
+def context(prior, x, seeds, step, steps, cameras=None, representations=None):
     cond = prior.condition(PROMPT, len(seeds), cameras=cameras)
     eps_star = torch.stack([seed_noise(s, prior.sample_shape) for s in seeds])
-    return GuidanceContext(prior, cond, seeds, eps_star, [step_generator(s) for s in seeds], step, steps, cameras)
+    return GuidanceContext(prior, cond, seeds, eps_star, [step_generator(s) for s in seeds], step, steps, cameras,
+                           representations)
 
 
 def cfg_eps(prior, x_t, t, cond, g):
@@ -143,7 +148,7 @@ def test_piecewise_schedule_matches_the_official_t_scheduler():
 
 
 @pytest.mark.parametrize("values", [
-    {"noise": "gaussian"}, {"weighting": "snr"}, {"t_min": 0.5, "t_max": 0.4},
+    {"noise": "gaussian_splats"}, {"weighting": "snr"}, {"t_min": 0.5, "t_max": 0.4},
     {"t_progress_at": [0.0, 1.0, 0.5], "t_progress": [0.0, 0.5, 1.0]}, {"t_progress": [0.0]},
     {"supersample": 0}, {"map_resolution": 0},
 ], ids=["noise", "weighting", "t_range", "knots_order", "knots_length", "supersample", "map_resolution"])
@@ -168,11 +173,215 @@ def test_3d_analytic_end_to_end(compose, tmp_path):
     assert summary["prior_rows_per_step"] == 4.0  # 2 views x (cond + uncond)
 
 
-@pytest.mark.parametrize("representation", [("representation=image", "representation.space=latent"), FAST_3D],
-                         ids=["2d_latent", "3d_gaussians"])
+@pytest.mark.parametrize("representation", [("representation=image", "representation.space=latent"), FAST_3D,
+                                            (*FAST_3D, "guidance.noise=gaussians")],
+                         ids=["2d_latent", "3d_gaussians", "3d_attached_noise_at_latent_size"])
 def test_tiny_stable_diffusion_end_to_end(compose, tmp_path, tiny_sd, representation):
     summary = run(compose("prior=sd21", f"prior.pretrained={tiny_sd}", "guidance=cfd", *representation,
                           "seeds=[0,1]", "trainer.steps=2"), tmp_path)
     assert [e["steps"] for e in summary["seeds"]] == [2, 2]
     for seed in (0, 1):
         assert np.isfinite(load_result(tmp_path / f"seed_{seed}/result.npz")).all()
+
+
+# ---- noise=gaussians: noise attached to each gaussian, rendered ----------------------------------------
+
+
+def gaussians(prior, n, seed, means, scale=0.03, opacity=0.8, flat=False):
+    """A representation with the given means and random colours."""
+    rep = GaussiansRepresentation(GaussiansConfig(num_points=n), prior)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        rep.means.data = means
+        scales = torch.tensor([0.002 if flat else scale, scale, scale])  # flat: a disc facing +x
+        rep.log_scales.data = scales.log().repeat(n, 1)
+        rep.quats.data = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1) if not flat \
+            else rep.quats.data
+        rep.opacity_logits.data = torch.full((n,), opacity).logit()
+        rep.color_logits.data = torch.randn(n, 3, generator=g)
+    return rep
+
+
+def ball(n, seed, radius=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * radius * torch.rand(n, 1, generator=g)
+
+
+def attached(prior, rep, cams, seed, x=None):
+    x = torch.zeros(len(cams), *prior.sample_shape) if x is None else x
+    ctx = context(prior, x, [seed] * len(cams), 0, 10, cams, [rep] * len(cams))
+    return CFD(CFDConfig(noise="gaussians"), prior).noise(x, ctx)
+
+
+def test_rendered_noise_has_unit_variance_per_pixel_over_seeds():
+    prior = AnalyticPrior(AnalyticPriorConfig(image_size=8))
+    cams = orbit_cameras(torch.tensor([0.0, 40.0]), torch.tensor([0.0, 100.0]), torch.full((2,), 2.0),
+                         torch.full((2,), 50.0), 8, 8)
+    rep = gaussians(prior, 120, 0, ball(120, 0), scale=0.06, opacity=0.5)
+    alpha = rep.render(cams, with_alpha=True)[:, 3].detach()
+    assert ((alpha > 0.2) & (alpha < 0.8)).any() and (alpha > 0.95).any() and (alpha < 0.05).any()  # all cases
+    samples = []
+    for seed in range(150):
+        rep.noise = rep.noise_stream = None  # this seed's own noise vectors
+        samples.append(attached(prior, rep, cams, seed))
+    samples = torch.stack(samples)  # (seeds, views, C, 8, 8)
+    per_pixel_var = samples.var(dim=0)
+    assert abs(float(per_pixel_var.mean()) - 1) < 0.05 and abs(float(samples.mean())) < 0.05
+    assert float((per_pixel_var - 1).abs().max()) < 0.5  # 150 draws a pixel: sd of the variance ≈ 0.12
+    partial = (alpha > 0.2) & (alpha < 0.8)  # where foreground and background noise mix
+    assert abs(float(per_pixel_var.transpose(0, 1)[:, partial].mean()) - 1) < 0.1
+
+
+def test_rendered_noise_is_the_seeds_own_and_follows_the_surface_across_nearby_views():
+    prior = AnalyticPrior(AnalyticPriorConfig(image_size=16))
+    n = 1500  # a wall of small flat gaussians in the plane x = 0, facing the camera at azimuth 0
+    wall = torch.cat([torch.zeros(n, 1), (torch.rand(n, 2, generator=torch.Generator().manual_seed(5)) - 0.5) * 1.6], 1)
+    base = one_camera(0, 0)
+    f = 0.5 * 16 / math.tan(math.radians(25.0))
+    moved = Cameras(base.c2w.clone(), base.fovy_deg, base.elevation_deg, base.azimuth_deg, base.distance, 16, 16)
+    moved.c2w[:, :3, 3] += (2 * 2.0 / f) * base.c2w[:, :3, 0]  # 2 px to the right at the wall's depth 2
+    cams = Cameras.cat([base, moved])
+    noise = attached(prior, gaussians(prior, n, 1, wall, scale=0.02, opacity=0.9, flat=True), cams, 3)
+    again = attached(prior, gaussians(prior, n, 1, wall, scale=0.02, opacity=0.9, flat=True), cams, 3)
+    assert torch.equal(noise, again)  # same seed, same cameras
+    other = attached(prior, gaussians(prior, n, 1, wall, scale=0.02, opacity=0.9, flat=True), cams, 4)
+    assert (noise - other).abs().mean() > 0.5
+    rgba = gaussians(prior, n, 1, wall, scale=0.02, opacity=0.9, flat=True).render(cams, with_alpha=True).detach()
+    # the moved camera sees at column j what the first saw at column j + 2: colours and noise alike
+    torch.testing.assert_close(rgba[1, :, :, :12], rgba[0, :, :, 2:14], atol=1e-3, rtol=0)
+    covered = (rgba[0, 3, :, 2:14] > 0.95) & (rgba[1, 3, :, :12] > 0.95)
+    assert covered.sum() > 50
+    first, second = noise[0, :, :, 2:14][:, covered].flatten(), noise[1, :, :, :12][:, covered].flatten()
+    assert float(torch.corrcoef(torch.stack([first, second]))[0, 1]) > 0.95
+    unshifted = noise[0, :, :, :12][:, covered].flatten()  # the same pixel, another point of the wall
+    assert abs(float(torch.corrcoef(torch.stack([unshifted, second]))[0, 1])) < 0.3
+
+
+def quat_matrix(q):
+    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], -1).reshape(-1, 3, 3)
+
+
+def naive_blend(rep, camera, features, size):
+    """Σ w f, Σ w², T per pixel by the 3DGS formulas, pixel by pixel, all gaussians: EWA projection
+    (Σ' = J W Σ Wᵀ Jᵀ + 0.3 I), α = min(0.999, o·exp(−½ dᵀΣ'⁻¹d)) dropped below 1/255, near to far."""
+    means, scales = rep.means.detach().double(), rep.log_scales.detach().exp().double()
+    rotation = quat_matrix(rep.quats.detach().double())
+    cov = rotation @ torch.diag_embed(scales**2) @ rotation.transpose(1, 2)
+    c2w = camera.c2w[0].double()
+    to_cam = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)) @ c2w[:3, :3].T  # OpenCV axes
+    p = (means - c2w[:3, 3]) @ to_cam.T
+    f = 0.5 * size / math.tan(math.radians(float(camera.fovy_deg[0])) / 2)
+    x, y, z = p.unbind(-1)
+    centre = torch.stack([f * x / z + size / 2, f * y / z + size / 2], -1)
+    jac = torch.zeros(len(p), 2, 3, dtype=torch.float64)
+    jac[:, 0, 0], jac[:, 0, 2], jac[:, 1, 1], jac[:, 1, 2] = f / z, -f * x / z**2, f / z, -f * y / z**2
+    cov2 = jac @ to_cam @ cov @ to_cam.T @ jac.transpose(1, 2) + 0.3 * torch.eye(2, dtype=torch.float64)
+    inverse, order = torch.linalg.inv(cov2), z.argsort()
+    opacity = rep.opacity_logits.detach().double().sigmoid()
+    out = torch.zeros(features.shape[1] + 2, size, size, dtype=torch.float64)
+    for row in range(size):
+        for col in range(size):
+            d = torch.tensor([col + 0.5, row + 0.5], dtype=torch.float64) - centre[order]
+            alpha = (opacity[order] * torch.exp(-0.5 * torch.einsum("ni,nij,nj->n", d, inverse[order], d))).clamp(max=0.999)
+            alpha = torch.where(alpha < 1 / 255, torch.zeros_like(alpha), alpha)
+            transmittance = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - alpha, 0)[:-1]])
+            w = alpha * transmittance
+            out[:, row, col] = torch.cat([w @ features[order].double(), (w * w).sum()[None], (1 - w.sum())[None]])
+    return out
+
+
+def test_attached_noise_gradient_is_the_cfd_formula_with_the_blended_gaussian_noise():
+    prior = AnalyticPrior(AnalyticPriorConfig(image_size=8))
+    cams = orbit_cameras(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 60.0]), torch.full((2,), 2.0),
+                         torch.full((2,), 50.0), 8, 8)
+    rep = gaussians(prior, 40, 2, ball(40, 2, radius=0.4), scale=0.08, opacity=0.6)
+    x = torch.randn(2, *prior.sample_shape, generator=torch.Generator().manual_seed(3)) * 0.5
+    seed, step, steps = 5, 3, 10
+    ctx = context(prior, x, [seed, seed], step, steps, cams, [rep, rep])
+    grad, info = CFD(CFDConfig(noise="gaussians"), prior).grad(x, ctx)
+    # the seed's per-gaussian noise: the first draw of its own stream, documented in dsd.guidance.cfd
+    point = torch.randn(40, 3, generator=torch.Generator().manual_seed(text_seed(f"cfd-gaussian-noise:{seed}")))
+    background = seed_noise(seed, prior.sample_shape).double()
+    eps = []
+    for view in range(2):
+        out = naive_blend(rep, cams.rows([view]), point, 8)
+        blended, square, t_final = out[:3], out[3], out[4]
+        eps.append((blended + t_final * background) / (square + t_final**2).sqrt())
+    eps = torch.stack(eps).float()
+    t = round(1000 * (0.96 * (1 - step / steps) + 0.02))
+    a = prior.alphas_cumprod[t].float()
+    eps_hat = cfg_eps(prior, a.sqrt() * x + (1 - a).sqrt() * eps, torch.full((2,), t), ctx.cond, 8.0)
+    assert info["t"] == t
+    torch.testing.assert_close(grad, ((1 - a) / a).sqrt() * (eps_hat - eps), rtol=1e-4, atol=1e-4)
+
+
+def test_point_noise_follows_its_gaussian_through_densification_and_is_deterministic():
+    prior = AnalyticPrior(AnalyticPriorConfig(image_size=8))
+
+    def densified():
+        rep = gaussians(prior, 60, 0, ball(60, 0), scale=0.02)
+        with torch.no_grad():
+            rep.log_scales.data[::3] = math.log(0.05)  # large: split; the others are cloned
+            rep.opacity_logits.data[1::7] = -20.0  # transparent: pruned
+        before = rep.point_noise(123, 4).clone()
+        rep.grad_sum.fill_(1.0)
+        rep.grad_count.fill_(1.0)
+        rep.cfg.grad_threshold, rep.cfg.max_points, rep.cfg.split_scale = 0.0, 200, 0.03
+        old_means = rep.means.detach().clone()
+        rep.densify_and_prune(rep.make_optimizer("adam", 0.01), torch.Generator().manual_seed(0))
+        return rep, before, old_means
+
+    rep, before, old_means = densified()
+    assert rep.noise.shape == (rep.num_points, 4) and rep.num_points > 60
+    # a gaussian's first occurrence keeps its vector; a clone (same mean) gets a fresh one
+    seen = set()
+    for i in range(rep.num_points):
+        match = (old_means == rep.means.detach()[i]).all(1).nonzero()
+        if len(match) and int(match[0]) not in seen:
+            seen.add(int(match[0]))
+            assert torch.equal(rep.noise[i], before[int(match[0])])
+        else:  # a clone or a split child: not any existing gaussian's vector
+            assert (rep.noise[i] - before).abs().amax(1).min() > 1e-3
+    kept = sum(1 for i in range(60) if i % 3 and (i - 1) % 7)  # neither split nor pruned: kept and cloned
+    split = sum(1 for i in range(0, 60, 3) if (i - 1) % 7)  # large and opaque: two children each
+    assert len(seen) == kept and rep.num_points == 2 * kept + 2 * split
+    again, _, _ = densified()
+    assert torch.equal(rep.noise, again.noise)  # fresh vectors from the seed's stream: reproducible
+    # a checkpoint carries the vectors and the stream: the restored copy draws what the original draws
+    restored = GaussiansRepresentation(GaussiansConfig(num_points=5), prior)
+    restored.load_state_dict(rep.state_dict())
+    assert torch.equal(restored.point_noise(999, 4), rep.noise)
+    assert torch.equal(restored._draw_noise(3), rep._draw_noise(3))
+    assert (rep._draw_noise(3) - rep._draw_noise(3)).abs().min() > 0  # the stream advances
+
+
+def test_attached_noise_needs_gaussians(compose, tmp_path):
+    with pytest.raises(UserError, match="guidance.noise=gaussians"):
+        run(compose("guidance=cfd", "guidance.noise=gaussians", "prior.image_size=16", "seeds=1",
+                    "trainer.steps=2", "trainer.checkpoint_every=0"), tmp_path)
+
+
+def test_3d_attached_noise_end_to_end_resumes_bit_exact_through_densification(compose, tmp_path, interrupt_at_step):
+    overrides = ("experiment=demo", "guidance=cfd", "guidance.noise=gaussians", *FAST_3D, "camera.video_frames=0",
+                 "prior.image_size=16", "seeds=[0,1]", "trainer.steps=4", "trainer.checkpoint_every=2",
+                 "representation.densify_from=1", "representation.densify_every=2",
+                 "representation.grad_threshold=0", "representation.max_points=300")
+    run(compose(*overrides), tmp_path / "straight")
+    interrupt_at_step(3)  # after the densification of step 1; the one of step 3 draws from the restored stream
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(*overrides), tmp_path / "resumed")
+    interrupt_at_step(None)
+    ckpt = torch.load(tmp_path / "resumed/seed_0/checkpoint.pt", weights_only=False)["representation"]
+    assert len(ckpt["means"]) > 100 and ckpt["noise"].shape == (len(ckpt["means"]), 3)  # densified, noise follows
+    run(compose(*overrides, "trainer.resume=true"), tmp_path / "resumed")
+    results = {}
+    for seed in (0, 1):
+        straight = load_result(tmp_path / f"straight/seed_{seed}/result.npz")
+        np.testing.assert_array_equal(load_result(tmp_path / f"resumed/seed_{seed}/result.npz"), straight)
+        results[seed] = straight
+    assert np.abs(results[0] - results[1]).max() > 1e-3

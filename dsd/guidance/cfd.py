@@ -16,6 +16,24 @@ views, and t annealed deterministically (t_scheduler.py:100-143; min = max, so n
   it, up to how its pixel footprint is cut into cells. In 2D (no cameras) it is the seed's ε*.
   For a latent prior the rays are cast at latent resolution (their noise_h = noise_w = 64 are
   SD's latent size, configs/cfd/sd-stage1.yaml:72-73).
+- gaussians: noise attached to the 3D representation and rendered (representation=gaussians only).
+  Each gaussian carries a fixed per-seed N(0, I) vector ε_i (C channels; a buffer of the
+  representation, so checkpoints carry it; it follows its gaussian through densification and new
+  gaussians draw the seed stream's next values, dsd.representations.gaussians). The vectors are
+  blended with the colour's geometry and weights w_i = α_i·T_i, and the background, weighted by the
+  final transmittance T, contributes the seed's ε* (a fixed image-space noise, theirs with
+  noise_background_fix: true, noise_generator.py:376-380, sd-stage1.yaml:74):
+      ε̃ = (Σ_i w_i ε_i + T·ε*) / √(Σ_i w_i² + T²),
+  exactly unit variance per pixel, since the ε_i and ε* are independent N(0, 1). A gaussian that
+  dominates a pixel in two views gives both the same noise. It is rendered at the prior's
+  resolution (the latent's for SD: cameras of the latent's size, the same fov), as theirs is
+  computed at noise_h = noise_w = 64 (sd-stage1.yaml:72-73, pooled from the render,
+  noise_generator.py:361-362). Gaussians wider than a pixel make the noise spatially correlated
+  within a view (white noise only where gaussians are pixel-sized or smaller).
+  Their code has no gaussian variant: their attached noise (triplane-noise-generator) takes the
+  rendered surface point (depth) at the corners of each noise pixel, rasterises the noise pixel
+  onto a 2048² triplane of fixed noise and uses Σ n / √(count) (noise_generator.py:467-484,
+  :703-746); pixels not fully covered by opacity > 0.1 (:300, :515-518) take the background noise.
 - eps_star: the seed's ε*, the same image-space noise in every view (their base NoiseGenerator
   with sqrt_beta 1, noise_generator.py:37-59 and :81-90; their 2D config, configs/cfd/2d.yaml:41-44).
 - random: fresh noise each step (sqrt_beta 0): SDS with CFD's t schedule and weight, an ablation.
@@ -27,7 +45,8 @@ not see the render's opacity, so every pixel here looks the world map up. Their 
 configs use the triplane noise attached to the surface (rendered depth), not the world map.
 
 Cost: one guided prior call, 2 prior rows per render row at cfg_scale ≠ 1 (as SDS); the noise
-lookup costs no prior rows and nothing is cached.
+lookup costs no prior rows and nothing is cached (noise=gaussians: one extra render per view at the
+prior's resolution, with the dense torch compositor).
 """
 
 from __future__ import annotations
@@ -49,7 +68,7 @@ from dsd.priors.procedural import text_seed
 from dsd.registry import register
 from dsd.schedules import loss_weight
 
-NOISES = ("world_map", "eps_star", "random")
+NOISES = ("world_map", "gaussians", "eps_star", "random")
 WEIGHTINGS = ("sigma_ratio", "sds", "uniform")
 REFERENCE_FOV_DEG = 55.0  # middle of camera.fovy_range's default 40..70°, for the automatic map size
 
@@ -57,7 +76,7 @@ REFERENCE_FOV_DEG = 55.0  # middle of camera.fovy_range's default 40..70°, for 
 @dataclass
 class CFDConfig(GuidanceConfig):
     name: str = "cfd"
-    noise: str = "world_map"  # world_map | eps_star | random (see the module docstring)
+    noise: str = "world_map"  # world_map | gaussians | eps_star | random (see the module docstring)
     # g of ε_u + g·(ε_c − ε_u). Their 2D config's guidance_scale 7 (configs/cfd/2d.yaml:58) enters
     # as ε_c + 7·(ε_c − ε_u) (stable_diffusion_unified_guidance.py:453-455), i.e. g = 8.
     cfg_scale: float = 8.0
@@ -131,6 +150,17 @@ def world_map_noise(maps: Tensor, cameras: Cameras, size: tuple[int, int], super
     return total / square_counts.to(total.dtype).sqrt()[:, None]
 
 
+def attached_noise(blended: Tensor, square_weights: Tensor, alpha: Tensor, background: Tensor) -> Tensor:
+    """(Σ w_i ε_i + T·ε_bg) / √(Σ w_i² + T²), T = 1 − alpha: unit variance per pixel. (B, C, H, W)"""
+    transmittance = 1 - alpha
+    return (blended + transmittance * background) / (square_weights + transmittance**2).sqrt()
+
+
+def gaussian_noise_stream(seed: int) -> int:
+    """The seed of the stream that draws a seed's per-gaussian noise (its own, apart from ε*'s)."""
+    return text_seed(f"cfd-gaussian-noise:{seed}")
+
+
 @register("guidance", "cfd", CFDConfig)
 class CFD(Guidance):
     def __init__(self, cfg: CFDConfig, prior) -> None:
@@ -162,10 +192,37 @@ class CFD(Guidance):
         """ε̃ of each row (B, C, H, W)."""
         if self.cfg.noise == "random":
             return ctx.randn_like_rows(x)
+        if self.cfg.noise == "gaussians":
+            return self.rendered_noise(x, ctx)
         if self.cfg.noise == "eps_star" or ctx.cameras is None:
             return ctx.eps_star.to(x)
         maps = torch.stack([self.seed_map(seed) for seed in ctx.seeds]).to(x)
         return world_map_noise(maps, ctx.cameras, tuple(x.shape[-2:]), self.cfg.supersample, self.map_resolution)
+
+    @torch.no_grad()
+    def rendered_noise(self, x: Tensor, ctx: GuidanceContext) -> Tensor:
+        """noise=gaussians: each row's representation renders its per-gaussian noise from the row's
+        camera at x's resolution. (B, C, H, W)"""
+        representations = ctx.representations or []
+        if ctx.cameras is None or not representations or not all(hasattr(r, "render_features") for r in representations):
+            kind = type(representations[0]).__name__ if representations else "none"
+            raise UserError(f"guidance.noise=gaussians needs representation=gaussians (noise attached to each "
+                            f"gaussian), not {kind}; with other representations use guidance.noise=world_map, "
+                            "eps_star or random.")
+        (h, w), channels = x.shape[-2:], x.shape[1]
+        cameras = dataclasses.replace(ctx.cameras, width=w, height=h)  # the prior's pixels: latent ones for SD
+        parts, first = [], 0
+        while first < len(x):  # rows of one representation (one seed) are adjacent
+            last = first
+            while last + 1 < len(x) and representations[last + 1] is representations[first]:
+                last += 1
+            rows = list(range(first, last + 1))
+            representation = representations[first]
+            point = representation.point_noise(gaussian_noise_stream(ctx.seeds[first]), channels)
+            parts.append(representation.render_features(point, cameras.rows(rows)))
+            first = last + 1
+        blended, square_weights, alpha = (torch.cat(p).to(x) for p in zip(*parts))
+        return attached_noise(blended, square_weights, alpha, ctx.eps_star.to(x))
 
     def weight(self, a: Tensor) -> Tensor:
         if self.cfg.weighting == "sigma_ratio":

@@ -144,7 +144,17 @@ def composite_dense(means2d, conics, depths, visible, radii, opacities, colors, 
     3.33σ box overlaps it; outside that box o·exp(−½·3.33²) < 1/255, so nothing is lost.
     Inputs as returned by `project_gaussians`. Returns rgb (V, 3, H, W), alpha (V, 1, H, W).
     """
-    rgbs, alphas = [], []
+    def tile(ids, x0, y0, x1, y1, v):
+        return composite_tile(means2d[v, ids], conics[v, ids], opacities[ids], colors[ids], background, x0, y0, x1, y1)
+
+    image = composite_tiles(means2d, depths, visible, radii, width, height, tile)  # (V, 4, H, W)
+    return image[:, :3], image[:, 3:]
+
+
+def composite_tiles(means2d, depths, visible, radii, width: int, height: int, tile) -> Tensor:
+    """The tile loop of the torch backend: `tile(ids, x0, y0, x1, y1, view)` -> (y1−y0, x1−x0, K) for
+    the visible gaussians `ids` (near to far) whose 3.33σ box overlaps the tile. Returns (V, K, H, W)."""
+    images = []
     for v in range(len(means2d)):
         ids = visible[v].nonzero().squeeze(1)
         ids = ids[depths[v, ids].detach().argsort()]  # near to far
@@ -156,19 +166,16 @@ def composite_dense(means2d, conics, depths, visible, radii, opacities, colors, 
             for x0 in range(0, width, TILE):
                 y1, x1 = min(y0 + TILE, height), min(x0 + TILE, width)
                 hit = (lo[:, 0] < x1) & (hi[:, 0] > x0) & (lo[:, 1] < y1) & (hi[:, 1] > y0)
-                tile_ids = ids[hit]  # still near to far
-                row.append(composite_tile(means2d[v, tile_ids], conics[v, tile_ids], opacities[tile_ids],
-                                           colors[tile_ids], background, x0, y0, x1, y1))
+                row.append(tile(ids[hit], x0, y0, x1, y1, v))  # ids[hit]: still near to far
             rows.append(torch.cat(row, dim=1))
-        image = torch.cat(rows, dim=0)  # (H, W, 4)
-        rgbs.append(image[..., :3])
-        alphas.append(image[..., 3:])
-    return torch.stack(rgbs).permute(0, 3, 1, 2), torch.stack(alphas).permute(0, 3, 1, 2)
+        images.append(torch.cat(rows, dim=0))  # (H, W, K)
+    return torch.stack(images).permute(0, 3, 1, 2)
 
 
-def composite_tile(mean, conic, opacity, color, background, x0: int, y0: int, x1: int, y1: int) -> Tensor:
-    """rgb and alpha (y1−y0, x1−x0, 4) of one tile; the gaussians are given near to far."""
-    device, dtype = background.device, background.dtype
+def blend_weights(mean, conic, opacity, x0: int, y0: int, x1: int, y1: int) -> Tensor:
+    """w_i = α_i·T_i of every pixel of a tile (P = (y1−y0)(x1−x0) row-major) and gaussian given near to
+    far (M). (P, M)"""
+    device, dtype = opacity.device, opacity.dtype
     ys, xs = torch.meshgrid(torch.arange(y1 - y0, device=device, dtype=dtype),
                             torch.arange(x1 - x0, device=device, dtype=dtype), indexing="ij")
     px, py = xs.reshape(-1) + 0.5, ys.reshape(-1) + 0.5  # pixel centres, tile-local (small: exact enough)
@@ -189,7 +196,33 @@ def composite_tile(mean, conic, opacity, color, background, x0: int, y0: int, x1
     log_keep = torch.log1p(-alpha)
     # exclusive cumulative product as a shifted cumsum of logs: stable, and cheap to differentiate
     transmittance = torch.exp(torch.cumsum(log_keep, dim=1) - log_keep)
-    weight = alpha * transmittance  # (P, M)
+    return alpha * transmittance
+
+
+def composite_tile(mean, conic, opacity, color, background, x0: int, y0: int, x1: int, y1: int) -> Tensor:
+    """rgb and alpha (y1−y0, x1−x0, 4) of one tile; the gaussians are given near to far."""
+    weight = blend_weights(mean, conic, opacity.to(background), x0, y0, x1, y1)  # (P, M)
     acc = weight.sum(dim=1, keepdim=True)  # = 1 − T_final
     rgb = weight @ color + (1.0 - acc) * background
     return torch.cat([rgb, acc], dim=-1).reshape(y1 - y0, x1 - x0, 4)
+
+
+def blend_features(means, quats, scales, opacities, features, cameras: Cameras) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-gaussian features (N, K) blended like the colour, with the same projection and weights
+    w_i = α_i·T_i: Σ_i w_i f_i (V, K, H, W), Σ_i w_i² (V, 1, H, W) and alpha Σ_i w_i = 1 − T_final
+    (V, 1, H, W); no background. Always the torch compositor (on any device): gsplat's kernels blend
+    features linearly but cannot return Σ w², which renormalising blended noise needs."""
+    viewmats = viewmats_opencv(cameras).to(means.device)
+    Ks = cameras.intrinsics().float().to(means.device)
+    means2d, conics, depths, visible, radii = project_gaussians(means, quats, scales, viewmats, Ks,
+                                                         cameras.width, cameras.height)
+
+    def tile(ids, x0, y0, x1, y1, v):
+        weight = blend_weights(means2d[v, ids], conics[v, ids], opacities[ids], x0, y0, x1, y1)
+        out = torch.cat([weight @ features[ids], (weight * weight).sum(1, keepdim=True),
+                         weight.sum(1, keepdim=True)], dim=-1)
+        return out.reshape(y1 - y0, x1 - x0, -1)
+
+    out = composite_tiles(means2d, depths, visible, radii, cameras.width, cameras.height, tile)
+    k = features.shape[1]
+    return out[:, :k], out[:, k : k + 1], out[:, k + 1 :]

@@ -4,6 +4,13 @@ Parameters are stored raw, as in 3DGS: means, log-scales, quaternions (wxyz), op
 color logits (colors = sigmoid, view-independent). Densification is 3DGS's adaptive density control
 (clone small / split large gaussians with a large mean screen-space gradient, prune transparent
 ones), written for one optimizer with one parameter group per tensor.
+
+Per-gaussian noise (`point_noise`, for CFD's noise attached to the 3D representation): a fixed
+N(0, I) vector per gaussian, kept as a buffer so checkpoints carry it. It follows its gaussian
+through densification; clone copies and split children are new gaussians with fresh vectors (a
+copy sharing its parent's noise would correlate the two, and the blended noise would no longer
+have unit variance), drawn from the same stream, whose generator state is a buffer as well: a
+resumed run draws exactly what the uninterrupted one draws.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dsd.config import RepresentationConfig
 from dsd.errors import UserError
 from dsd.export_ply import read_gaussians_ply, write_gaussians_ply
 from dsd.registry import register
-from dsd.render.gaussians import rasterize_gaussians
+from dsd.render.gaussians import blend_features, rasterize_gaussians
 from dsd.representations.base import Representation, fit_renders
 
 PARAMS = ("means", "log_scales", "quats", "opacity_logits", "color_logits")
@@ -97,6 +104,9 @@ class GaussiansRepresentation(Representation):
         self.register_buffer("grad_count", torch.zeros(n, device=device))
         background = torch.tensor(list(cfg.background), dtype=torch.float32, device=device)
         self.register_buffer("background", background, persistent=False)  # the config decides, not a checkpoint
+        # per-gaussian noise and its stream's generator state: None until `point_noise` is first asked
+        self.register_buffer("noise", None)
+        self.register_buffer("noise_stream", None)
         self._info = None  # RasterInfo of the last differentiable render
 
     # ---- activations -------------------------------------------------------------------------
@@ -123,6 +133,31 @@ class GaussiansRepresentation(Representation):
         if torch.is_grad_enabled() and info.means2d.requires_grad:
             self._info = info
         return torch.cat([rgb, alpha], dim=1) if with_alpha else rgb
+
+    def render_features(self, features: Tensor, cameras: Cameras) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-gaussian features (N, K) blended with the colour's geometry and weights w_i at the
+        cameras' own size: Σ w_i f_i (V, K, H, W), Σ w_i² (V, 1, H, W), alpha (V, 1, H, W)."""
+        p = self.activated()
+        return blend_features(p["means"], p["quats"], p["scales"], p["opacities"], features.to(p["means"]), cameras)
+
+    def point_noise(self, stream_seed: int, channels: int) -> Tensor:
+        """The fixed N(0, I) vector of every gaussian (N, channels), drawn from the generator seeded by
+        `stream_seed` on first use; gaussians added later draw the stream's next values."""
+        if self.noise is None:
+            generator = torch.Generator().manual_seed(stream_seed)
+            self.noise = torch.randn(self.num_points, channels, generator=generator).to(self.means.device)
+            self.noise_stream = generator.get_state()
+        if self.noise.shape[1] != channels:
+            raise ValueError(f"the gaussians carry {self.noise.shape[1]}-channel noise; {channels} were asked")
+        return self.noise
+
+    def _draw_noise(self, count: int) -> Tensor:
+        """`count` fresh vectors from the noise stream, which advances (its state is a buffer)."""
+        generator = torch.Generator()
+        generator.set_state(self.noise_stream.cpu())
+        fresh = torch.randn(count, self.noise.shape[1], generator=generator).to(self.noise)
+        self.noise_stream = generator.get_state().to(self.noise_stream.device)
+        return fresh
 
     @torch.no_grad()
     def final_image(self, prior, cameras: Cameras | None = None) -> Tensor:
@@ -167,6 +202,7 @@ class GaussiansRepresentation(Representation):
         self._resize(len(data["means"]))
         for name in PARAMS:
             getattr(self, name).copy_(data[name])
+        self.noise = self.noise_stream = None  # other gaussians: their noise is drawn afresh when asked
 
     # ---- checkpoints: the number of gaussians changes during a run ---------------------------------
     def _resize(self, n: int) -> None:
@@ -181,6 +217,9 @@ class GaussiansRepresentation(Representation):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._resize(len(state_dict["means"]))
+        for name in ("noise", "noise_stream"):  # present once a guidance asked for point noise
+            if name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[name], device=self.means.device))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- densification (3DGS Sec. 5.2) ---------------------------------------------------------
@@ -245,3 +284,15 @@ class GaussiansRepresentation(Representation):
         n = len(self.means)
         self.grad_sum = self.grad_sum.new_zeros(n)
         self.grad_count = self.grad_count.new_zeros(n)
+        if self.noise is not None:
+            self.noise = self._follow(self.noise, index, len(new["means"]))
+
+    def _follow(self, noise: Tensor, index: Tensor, added: int) -> Tensor:
+        """The per-gaussian noise after keeping rows `index` and appending `added` gaussians: a kept
+        gaussian keeps its vector; a repeat of a row (a clone) and an appended one get fresh ones."""
+        position = torch.arange(len(index), device=index.device)
+        first = torch.full((len(noise),), len(index), device=index.device).scatter_reduce(0, index, position, "amin")
+        repeat = first[index] != position
+        kept = noise[index]
+        kept[repeat] = self._draw_noise(int(repeat.sum()))
+        return torch.cat([kept, self._draw_noise(added)])
