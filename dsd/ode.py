@@ -34,23 +34,31 @@ class Trajectory:
     eps: list[Tensor] = field(default_factory=list)
 
 
+def seed_of(key: Hashable) -> Hashable:
+    """The seed a trajectory key belongs to: its first element ((seed, condition, ...))."""
+    return key[0] if isinstance(key, tuple) else key
+
+
 class OdeTrajectories:
     """DDIM trajectories from fixed noises, keyed by (seed, condition key), advanced lazily.
 
     With `enabled=False` nothing is kept: each query re-simulates from ε* (the official code's
-    per-step behaviour, kept as the side-by-side baseline). At most `max_trajectories` are kept,
-    least recently used dropped first: with continuous cameras every view is a new condition, so
-    an unbounded cache would grow every step (quantized cameras make keys repeat).
+    per-step behaviour, kept as the side-by-side baseline). At most `max_per_seed` trajectories
+    are kept per seed (a key's first element), the seed's least recently used dropped first: with
+    continuous cameras every view is a new condition, so an unbounded cache would grow every step
+    (quantized or snapped cameras make keys repeat). The bound is per seed so that what a seed
+    keeps, and so its results, never depend on which seeds share its batch; it also bounds the
+    seed's checkpoint.
     """
 
     def __init__(
-        self, prior: Prior, steps: int, cfg_scale: float, enabled: bool = True, max_trajectories: int = 1024
+        self, prior: Prior, steps: int, cfg_scale: float, enabled: bool = True, max_per_seed: int = 128
     ) -> None:
         self.prior = prior
         self.grid = ddim_timesteps(prior.num_train_timesteps, steps)
         self.cfg_scale = cfg_scale
         self.enabled = enabled
-        self.max_trajectories = max_trajectories
+        self.max_per_seed = max_per_seed
         self.trajectories: dict[Hashable, Trajectory] = {}  # in order of last use
 
     @property
@@ -70,9 +78,13 @@ class OdeTrajectories:
         for row, key in enumerate(keys):
             store[key] = store.pop(key) if key in store else Trajectory(xs=[eps_star[row]])  # most recent last
             rows_of.setdefault(key, row)
-        while len(store) > max(self.max_trajectories, len(rows_of)):
-            for sibling in self._object_keys(next(iter(store))):  # a multi-view object goes whole
-                store.pop(sibling, None)
+        for seed in {seed_of(key) for key in rows_of}:
+            needed = sum(seed_of(key) == seed for key in rows_of)
+            own = [key for key in store if seed_of(key) == seed]  # least recently used first
+            while len(own) > max(self.max_per_seed, needed):
+                for sibling in self._object_keys(own[0]):  # a multi-view object goes whole
+                    store.pop(sibling, None)
+                own = [key for key in own if key in store]
         need: dict[Hashable, int] = {}
         for row, key in enumerate(keys):
             need[key] = max(need.get(key, -1), int(index[row]))
@@ -132,7 +144,7 @@ class OdeTrajectories:
         ε* and its predictions (B = 1 + k tensors); the states x(g_1..g_k) are rebuilt on load by the
         same elementwise DDIM steps, bit for bit, so checkpoints carry half the tensors."""
         return {key: {"start": traj.xs[0], "eps": torch.stack(traj.eps) if traj.eps else None}
-                for key, traj in self.trajectories.items() if key[0] == seed}
+                for key, traj in self.trajectories.items() if seed_of(key) == seed}
 
     def load_state(self, state: dict) -> None:
         for key, saved in state.items():

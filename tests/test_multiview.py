@@ -188,7 +188,7 @@ def test_one_draw_per_object_and_trajectory_keys_per_camera_set():
 
 def test_ode_cache_evicts_whole_objects():
     prior = make_prior()
-    ode = OdeTrajectories(prior, steps=4, cfg_scale=1.0, max_trajectories=5)
+    ode = OdeTrajectories(prior, steps=4, cfg_scale=1.0, max_per_seed=5)
     g = torch.Generator().manual_seed(0)
     for azimuth in (0.0, 30.0, 60.0):  # three objects, 12 rows > 5: old objects go whole
         cams = one_object(azimuth)

@@ -168,17 +168,19 @@ def test_eps_exactly_at_steps_from_the_grid_point_and_matches_it_on_the_grid():
     assert not torch.allclose(off_grid, ode.eps_at(keys, eps_star, cond, torch.tensor([2, 6])), atol=1e-3)
 
 
-def test_cache_keeps_at_most_max_trajectories_least_recently_used_first():
+def test_cache_keeps_at_most_max_per_seed_least_recently_used_first_per_seed():
     prior = make_prior()
     cond = prior.condition("a cat", batch=1)
     eps_star = torch.randn(1, *prior.sample_shape, generator=torch.Generator().manual_seed(6))
-    ode = OdeTrajectories(prior, 4, 7.5, max_trajectories=2)
+    ode = OdeTrajectories(prior, 4, 7.5, max_per_seed=2)
     j = torch.tensor([1])
-    for key in ("a", "b", "a", "c"):  # "b" is the least recently used when "c" arrives
+    # seed 0's "b" is its least recently used when its "c" arrives; seed 1's keys never evict seed 0's
+    for key in ((0, "a"), (1, "x"), (0, "b"), (1, "y"), (0, "a"), (1, "z"), (0, "c")):
         ode.eps_at([key], eps_star, cond, j)
-    assert list(ode.trajectories) == ["a", "c"]
+    assert [k for k in ode.trajectories if k[0] == 0] == [(0, "a"), (0, "c")]
+    assert [k for k in ode.trajectories if k[0] == 1] == [(1, "y"), (1, "z")]
     before = prior.rows_evaluated
-    ode.eps_at(["a"], eps_star, cond, j)
+    ode.eps_at([(0, "a")], eps_star, cond, j)
     assert prior.rows_evaluated == before  # still cached
 
 
