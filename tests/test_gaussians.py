@@ -268,3 +268,19 @@ def test_torch_backend_matches_gsplat_cuda():
     (rgb_gpu * weights.cuda()).sum().backward()
     for a, b in zip(cpu, gpu):
         assert torch.allclose(b.grad.cpu(), a.grad, rtol=2e-2, atol=2e-3 * a.grad.abs().max())
+
+
+def test_a_learning_rate_the_gaussians_do_not_use_is_said_once(capsys, monkeypatch):
+    import dsd.representations.gaussians as module
+    from dsd.config import TrainerConfig
+
+    monkeypatch.setattr(module, "_said_lr_ignored", False)
+    rep = GaussiansRepresentation(GaussiansConfig(num_points=10), PixelPrior())
+    optimizer = rep.make_optimizer("adam", TrainerConfig.lr)  # the default: nothing to say
+    assert "not used" not in capsys.readouterr().err
+    assert sorted(g["lr"] for g in optimizer.param_groups) == sorted(
+        [rep.cfg.lr_means, rep.cfg.lr_scales, rep.cfg.lr_quats, rep.cfg.lr_opacities, rep.cfg.lr_colors])
+    rep.make_optimizer("adam", 0.5)
+    rep.make_optimizer("adam", 0.5)
+    err = capsys.readouterr().err
+    assert err.count("is not used by representation=gaussians") == 1 and "representation.lr_means" in err

@@ -29,6 +29,8 @@ from dsd.registry import register
 from dsd.render.gaussians import blend_features, rasterize_gaussians
 from dsd.representations.base import Representation, fit_renders
 
+_said_lr_ignored = False  # the note below is printed once per process
+
 PARAMS = ("means", "log_scales", "quats", "opacity_logits", "color_logits")
 
 
@@ -172,8 +174,17 @@ class GaussiansRepresentation(Representation):
     def make_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
         """Adam (or SGD) with one group per tensor and the config's learning rates; `lr` is ignored
         because the groups differ by orders of magnitude (3DGS)."""
+        from dsd.config import TrainerConfig
         from dsd.trainer import make_optimizer
 
+        global _said_lr_ignored
+        if lr != TrainerConfig.lr and not _said_lr_ignored:  # a user's lr must not vanish silently
+            from dsd.logging import console
+
+            console.print(f"note: learning rate {lr:g} (trainer.lr or guidance.lr) is not used by "
+                          "representation=gaussians; set representation.lr_means/lr_scales/lr_quats/"
+                          "lr_opacities/lr_colors instead.", markup=False, soft_wrap=True)
+            _said_lr_ignored = True
         c = self.cfg
         lrs = dict(zip(PARAMS, (c.lr_means, c.lr_scales, c.lr_quats, c.lr_opacities, c.lr_colors)))
         return make_optimizer([{"params": [getattr(self, n)], "lr": lrs[n], "name": n} for n in PARAMS], name, lr)
