@@ -86,3 +86,37 @@ def test_interrupted_3d_run_with_densification_resumes_to_the_same_result(compos
     for seed in (0, 1):
         straight = load_result(tmp_path / f"straight/seed_{seed}/result.npz")
         np.testing.assert_allclose(load_result(tmp_path / f"resumed/seed_{seed}/result.npz"), straight, atol=1e-5)
+
+
+def test_continuous_cameras_keep_the_ode_cache_and_checkpoints_bounded(compose, tmp_path):
+    """With the default continuous cameras every step is a new ODE condition: the per-seed cache
+    bound holds over many steps, so the trajectories in a checkpoint stop growing with the steps."""
+    import torch
+
+    cfg = compose(*GAUSSIANS, *FAST_3D, "prior.image_size=16", "seeds=1", "trainer.steps=24",
+                  "trainer.checkpoint_every=8", "guidance.ode_target=grid", "guidance.ode_cache_per_seed=4",
+                  "camera.quantize_deg=0")
+    sizes = []
+    from dsd.trainer import Trainer
+
+    original = Trainer.save
+
+    def save_and_measure(self, state):
+        original(self, state)
+        checkpoint = torch.load(self.checkpoint_path(state.seed), weights_only=False)
+        sizes.append((state.step, len(checkpoint["guidance"]["trajectories"]),
+                      self.checkpoint_path(state.seed).stat().st_size))
+
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "save", save_and_measure)
+        run(cfg, tmp_path)
+    assert [s for s, _, _ in sizes] == [8, 16, 24]
+    assert all(n == 4 for _, n, _ in sizes)  # a new camera every step, 4 trajectories kept
+    sizes.clear()
+    with pytest.MonkeyPatch.context() as mp:  # the control: the same 8 steps unbounded keep all 8
+        mp.setattr(Trainer, "save", save_and_measure)
+        run(compose(*GAUSSIANS, *FAST_3D, "prior.image_size=16", "seeds=1", "trainer.steps=8",
+                    "guidance.ode_target=grid", "camera.quantize_deg=0", "camera.video_frames=0"), tmp_path / "control")
+    assert sizes[-1][1] == 8

@@ -47,6 +47,8 @@ class DSDConfig(GuidanceConfig):
     # instead of the camera itself, so nearby views share one trajectory (fewer ODEs to simulate: the
     # cost lever of 3D, benchmarks/ode_cache.py --setting 3d). 0: every camera its own ODE (official).
     ode_camera_deg: float = 0.0
+    # trajectories kept per seed (least recently used dropped); bounds memory and the checkpoint
+    ode_cache_per_seed: int = 128
     t_schedule: str = "sqrt"  # sqrt (official) | linear (Alg. 1) | random (uniform, SDS-like)
     t_min: float = 0.32  # fractions of T (official configs/dsd.yaml)
     t_max: float = 0.98
@@ -75,7 +77,8 @@ class OdeGuidance(Guidance):
         self.ode_camera_deg = float(getattr(cfg, "ode_camera_deg", 0.0))  # only DSDConfig has it
         if not 0 <= self.ode_camera_deg <= 180:
             raise UserError(f"guidance.ode_camera_deg={cfg.ode_camera_deg} must be in [0, 180] (0: off).")
-        self.ode = OdeTrajectories(prior, cfg.ode_steps, cfg.ode_cfg_scale, enabled=cfg.ode_cache)
+        self.ode = OdeTrajectories(prior, cfg.ode_steps, cfg.ode_cfg_scale, enabled=cfg.ode_cache,
+                                   max_per_seed=getattr(cfg, "ode_cache_per_seed", 128))
 
     def ode_condition(self, ctx: GuidanceContext) -> tuple[list, Condition]:
         """(trajectory keys, condition) of the rows' ODEs: their own cameras', or with
