@@ -193,6 +193,11 @@ def input_error_message(err: Exception) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from dsd.sharding import slurm_setup_message
+
+    setup = slurm_setup_message(err)  # hydra/launcher=slurm without Slurm: a setup problem, not input
+    if setup is not None:
+        return setup
     os_error = _oserror(err)
     if os_error is not None:
         return (

@@ -30,7 +30,19 @@ class RepresentationConfig:
 @dataclass
 class TrainerConfig:
     steps: int = 400
-    seed_batch: int = 4  # seeds optimized together; prior rows of all seeds go in one call
+    # seeds optimized together; prior rows of all seeds go in one call. One default for every
+    # representation: on CPU a batch of 4 made a 2D seed-step 2.4x faster and 3D Gaussians/NeRF
+    # neither faster nor slower (1.01x, 0.98x; benchmarks/cpu_defaults.py). Lowered to fit
+    # memory_budget_gb (dsd.trainer.resolve_seed_batch).
+    seed_batch: int = 4
+    # torch intra-op threads for the run (torch.set_num_threads in the Trainer); 0: torch's default
+    # (one per core). 1: small-tensor steps were 6x (demo) and 16x (demo2d) faster than at 2 threads
+    # on a loaded 2-core machine (benchmarks/cpu_defaults.py, docs/benchmarks.md).
+    num_threads: int = 1
+    # GiB a seed batch's training step may use, by the representation's estimate (NeRF:
+    # dsd.representations.nerf.step_memory_bytes); seed_batch is lowered to fit, with a note.
+    # null: half the machine's (or cgroup's) memory on CPU, no cap on CUDA; 0: no cap.
+    memory_budget_gb: Optional[float] = None
     optimizer: str = "adam"  # adam | sgd
     lr: float = 0.03
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only on interrupt)
@@ -112,6 +124,10 @@ class SamplerConfig:
 class Config:
     prompt: str = "a hamburger"
     seeds: Any = field(default_factory=lambda: [0, 1, 2, 3])  # list of ints or a count
+    # run only shard `seed_shard` of `num_seed_shards` of the seeds (whole seed batches, contiguous;
+    # dsd.sharding): --multirun seed_shard=0,1,2,3 num_seed_shards=4 spreads the seeds over 4 jobs
+    seed_shard: int = 0
+    num_seed_shards: int = 1
     device: str = "auto"  # auto | cpu | cuda
     guidance: GuidanceConfig = MISSING
     prior: PriorConfig = MISSING

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from dsd.errors import UserError
+from dsd.metrics.reference import summarize_references
 from dsd.metrics.vendi import mean_pairwise_distance, vendi_score
 from dsd.outputs import atomic_write_bytes, load_result, load_views, save_json
 
@@ -76,7 +77,8 @@ METRIC_FLAGS: dict[str, tuple[str, ...]] = {
     "lpips": ("--lpips-backbone", "--lpips-linear"),
 }
 # overrides that do not change the method (they name the prompt, seeds or bookkeeping)
-NOT_METHOD = re.compile(r"^(prompt|seeds|device|hydra\.|wandb\.|trainer\.resume|trainer\.checkpoint_every)")
+NOT_METHOD = re.compile(r"^(prompt|seeds|seed_shard|num_seed_shards|device|hydra\.|wandb\.|trainer\.resume|"
+                        r"trainer\.auto_resume|trainer\.checkpoint_every)")
 
 
 @dataclass
@@ -93,6 +95,7 @@ class RunRecord:
     turntables: dict[int, Path] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     per_seed: list[dict] = field(default_factory=list)
+    shard_dirs: list[Path] = field(default_factory=list)  # the run dirs of a sharded run (see merge_shards)
 
 
 @dataclass
@@ -212,6 +215,55 @@ def load_run(run_dir: Path) -> RunRecord:
     method = summary.get("guidance") or summary.get("sampler", "?")  # refined by assign_methods
     return RunRecord(run_dir, summary, load_config(run_dir), method, summary.get("prompt", "?"), seeds,
                      np.stack(views), turntables)
+
+
+def shard_of(record: RunRecord) -> dict | None:
+    """summary.json's seed_shard of a run that is one of several shards, else None."""
+    shard = record.summary.get("seed_shard")
+    return shard if shard and shard.get("count", 1) > 1 else None
+
+
+def merge_shards(records: list[RunRecord]) -> list[RunRecord]:
+    """The shards of one sharded run (same method, prompt and full seed list: the jobs of
+    `dsd-run --multirun ... seed_shard=0,1,... num_seed_shards=N`) as one record with the seeds
+    of all of them, in the full list's order, so the table has the row one unsharded run gives."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for record in records:
+        shard = shard_of(record)
+        key = (id(record),) if shard is None else (record.method, record.prompt, tuple(shard["all_seeds"]),
+                                                   shard["count"])
+        groups.setdefault(key, []).append(record)
+    return [group[0] if shard_of(group[0]) is None else merged_record(group) for group in groups.values()]
+
+
+def merged_record(shards: list[RunRecord]) -> RunRecord:
+    by_index: dict[int, RunRecord] = {}
+    for record in shards:
+        index = shard_of(record)["index"]
+        if index in by_index:
+            raise UserError(f"{by_index[index].run_dir} and {record.run_dir} are both shard {index} of {record.method} "
+                            f"/ {record.prompt!r} with the same seeds; give the dirs of one sweep only.")
+        by_index[index] = record
+    first = by_index[min(by_index)]
+    count, order = shard_of(first)["count"], shard_of(first)["all_seeds"]
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        from dsd.logging import console
+
+        console.print(f"warning: {first.method} / {first.prompt}: shards {missing} of {count} are missing "
+                      "(unfinished or not given); its row has the seeds of the others only.", markup=False)
+    position = {seed: i for i, seed in enumerate(order)}
+    entries = sorted((e for r in by_index.values() for e in r.summary["seeds"]), key=lambda e: position[e["seed"]])
+    views = dict(zip((s for r in by_index.values() for s in r.seeds), (v for r in by_index.values() for v in r.views)))
+    summary = {**first.summary, "seeds": entries}
+    if "distinct_references" in first.summary:  # the set-level numbers, over the seeds of every shard
+        summary.update(summarize_references([e["nearest_reference"] for e in entries],
+                                            [e["psnr_to_reference"] for e in entries],
+                                            first.summary["reach_threshold_db"]))
+    seeds = [int(e["seed"]) for e in entries]
+    return replace(first, summary=summary, seeds=seeds, views=np.stack([views[s] for s in seeds]),
+                   turntables={s: p for r in by_index.values() for s, p in r.turntables.items()},
+                   shard_dirs=[by_index[i].run_dir for i in sorted(by_index)])
 
 
 # ---------------------------------------------------------------- reference samples (dsd-sample)
@@ -427,7 +479,7 @@ def evaluate_run(record: RunRecord, nets: Networks, opts: Options) -> dict:
     if "pixel" in opts.metrics:
         record.metrics.update(pixel_metrics(record))
     record.metrics.update(network_metrics(record, nets, opts))
-    save_json(record.run_dir / "metrics.json", {
+    metrics_json = {
         "method": record.method,
         "prompt": record.prompt,
         "prior": record.summary.get("prior"),
@@ -436,7 +488,11 @@ def evaluate_run(record: RunRecord, nets: Networks, opts: Options) -> dict:
         "views_per_seed": int(record.views.shape[1]),
         "metrics": record.metrics,
         "per_seed": record.per_seed,
-    })
+    }
+    if record.shard_dirs:  # each shard's dir gets the metrics of the whole (merged) run
+        metrics_json["shard_dirs"] = [str(d) for d in record.shard_dirs]
+    for run_dir in record.shard_dirs or [record.run_dir]:
+        save_json(run_dir / "metrics.json", metrics_json)
     return record.metrics
 
 
@@ -582,6 +638,7 @@ def evaluate(opts: Options) -> tuple[Path, list[RunRecord]]:
     run_dirs = [d for p in opts.paths for d in find_run_dirs(p)]
     records = [load_run(d) for d in dict.fromkeys(run_dirs)]  # a dir named twice counts once
     assign_methods(records)
+    records = merge_shards(records)
     out = output_dir(opts)
     nets = Networks.load(opts)
     with make_progress() as progress:

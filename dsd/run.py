@@ -20,6 +20,7 @@ from dsd.logging import RunLogger, console, make_progress, report_error
 from dsd.metrics.reference import nearest_reference, psnr, reach_threshold_db, summarize_references
 from dsd.outputs import (
     RunDirLock,
+    atomic_write_bytes,
     remove_orphaned_temporaries,
     save_grid,
     save_json,
@@ -29,7 +30,16 @@ from dsd.outputs import (
     save_views,
     unwritable,
 )
-from dsd.trainer import Interrupted, SeedState, Trainer, finite_or_none, has_checkpoint
+from dsd.sharding import SeedShard, shard_seeds, shard_unit
+from dsd.trainer import (
+    Interrupted,
+    SeedState,
+    Trainer,
+    apply_num_threads,
+    finite_or_none,
+    has_checkpoint,
+    resolve_seed_batch,
+)
 
 # trainer keys that do not change a seed's result, so a resumed run may change them
 RESUMABLE_TRAINER_KEYS = ("resume", "auto_resume", "checkpoint_every", "log_every", "seed_batch", "max_nonfinite_steps")
@@ -182,22 +192,51 @@ def requeued_slurm_job() -> bool:
     return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
 
 
+SUBMITIT_JOB_FILE = ".dsd-submitit-job"  # the id of the submitit job that ran in this run dir
+
+
+def submitit_job_id() -> str | None:
+    """The id of the submitit job this process runs in (None outside one). Requeuing keeps it:
+    the Slurm job id, or the local controller's pid with hydra/launcher=submitit_local."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):  # set in every submitit job (submitit/core/job_environment.py)
+        return None
+    import submitit
+
+    return str(submitit.JobEnvironment().job_id)
+
+
+def requeued_submitit_job(run_dir: Path) -> bool:
+    """Whether this submitit job ran in this run dir before: it was preempted or timed out and
+    submitit requeued it (on any cluster, submitit_local too). Records the job id for next time."""
+    job_id = submitit_job_id()
+    if job_id is None:
+        return False
+    marker = run_dir / SUBMITIT_JOB_FILE
+    before = marker.read_text().strip() if marker.is_file() else None
+    if before != job_id:
+        atomic_write_bytes(marker, job_id.encode())
+    return before == job_id
+
+
 def resume_mode(cfg: Config, run_dir: Path, seeds: list[int]) -> bool:
     """Whether to load the run dir's checkpoints. trainer.resume=true insists that there is
-    something to resume; trainer.auto_resume (and a requeued Slurm job) takes what exists."""
+    something to resume; trainer.auto_resume (and a requeued Slurm or submitit job) takes what exists."""
     if cfg.trainer.resume and not any(has_checkpoint(run_dir, seed) for seed in seeds):
         raise UserError(
             f"trainer.resume=true but {run_dir} holds no seed_<s>/checkpoint.pt for seeds {seeds}: nothing to resume "
             "there. Point hydra.run.dir at the interrupted run's directory, or use trainer.auto_resume=true to "
             "resume whatever exists and start the rest."
         )
-    return cfg.trainer.resume or cfg.trainer.auto_resume or requeued_slurm_job()
+    requeued = requeued_submitit_job(run_dir) or requeued_slurm_job()  # first: it records the job id
+    return requeued or cfg.trainer.resume or cfg.trainer.auto_resume
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Optimize one representation per seed; returns the summary written to summary.json. Holds
     the run dir's lock throughout, so a second process cannot write the same run dir."""
-    seeds = validate(cfg)
+    shard = shard_seeds(validate(cfg), cfg.seed_shard, cfg.num_seed_shards, shard_unit(cfg.trainer.seed_batch))
+    seeds = shard.seeds
+    apply_num_threads(cfg.trainer.num_threads)  # before the prior is built: it computes too
     device = resolve_device(cfg.device)
     run_dir = Path(run_dir)
     try:
@@ -207,10 +246,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     with RunDirLock(run_dir):
         remove_orphaned_temporaries(run_dir)  # a killed run's half-written files
         resume = resume_mode(cfg, run_dir, seeds)
-        return run_locked(cfg, run_dir, seeds, device, resume)
+        return run_locked(cfg, run_dir, shard, device, resume)
 
 
-def run_locked(cfg: Config, run_dir: Path, seeds: list[int], device: torch.device, resume: bool) -> dict:
+def run_locked(cfg: Config, run_dir: Path, shard: SeedShard, device: torch.device, resume: bool) -> dict:
+    seeds = shard.seeds
     started = time.perf_counter()
 
     prior = build_prior(cfg, device)
@@ -249,8 +289,9 @@ def run_locked(cfg: Config, run_dir: Path, seeds: list[int], device: torch.devic
     entries, images, is_3d = [], [], False
     try:
         with progress:
-            for first in range(0, len(seeds), cfg.trainer.seed_batch):
-                batch_seeds = seeds[first : first + cfg.trainer.seed_batch]
+            seed_batch = resolve_seed_batch(cfg, device)
+            for first in range(0, len(seeds), seed_batch):
+                batch_seeds = seeds[first : first + seed_batch]
                 states = [trainer.load_or_new(seed, resume) for seed in batch_seeds]
                 batch_task = progress.add_task(f"seeds {batch_seeds}", total=cfg.trainer.steps * len(states), info="")
                 done = sum(s.step for s in states)
@@ -273,7 +314,7 @@ def run_locked(cfg: Config, run_dir: Path, seeds: list[int], device: torch.devic
                 logger.log_videos({f"seed_{s.seed}/turntable": run_dir / f"seed_{s.seed}" / "turntable.mp4" for s in states})
     except KeyboardInterrupt as err:
         raise report_interrupt(err, trainer, run_dir) from None
-    return write_summary(cfg, run_dir, prior, logger, entries, images, is_3d, started)
+    return write_summary(cfg, run_dir, prior, logger, entries, images, is_3d, started, shard)
 
 
 def seed_line(entry: dict) -> str:
@@ -295,7 +336,7 @@ def report_interrupt(err: KeyboardInterrupt, trainer: Trainer, run_dir: Path) ->
 
 
 def write_summary(cfg: Config, run_dir: Path, prior, logger, entries: list[dict], images: list, is_3d: bool,
-                  started: float) -> dict:
+                  started: float, shard: SeedShard) -> dict:
     labels = [
         f"seed {e['seed']}" + (f"  ref {e['nearest_reference']}" if "nearest_reference" in e else "")
         for e in entries
@@ -310,6 +351,7 @@ def write_summary(cfg: Config, run_dir: Path, prior, logger, entries: list[dict]
         "wall_s": round(time.perf_counter() - started, 3),
         "prior_rows_per_step": sum(e["prior_rows"] for e in entries) / total_steps,
         "seeds": entries,
+        "seed_shard": shard.summary(),  # this run's part of the whole seed list (dsd-eval merges shards)
         "config": {"guidance": asdict(cfg.guidance), "trainer": asdict(cfg.trainer)},
     }
     summary.update(reference_summary(prior, cfg.prompt, entries, evaluation_cameras(cfg, prior) if is_3d else None))

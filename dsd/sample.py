@@ -23,10 +23,12 @@ from dsd.ode import ddim_sample
 from dsd.outputs import save_grid, save_json, save_png, save_result, save_views
 from dsd.run import build_prior, evaluation_cameras, reference_metrics, reference_summary
 from dsd.seeding import eps_star_rows, prior_eps_star
+from dsd.trainer import apply_num_threads
 
 
 def sample(cfg: Config, run_dir: Path) -> dict:
     seeds = validate(cfg)
+    apply_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.device)
     run_dir = Path(run_dir)
     started = time.perf_counter()

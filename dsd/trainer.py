@@ -8,6 +8,7 @@ other seeds share its batch.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dsd.cameras import Cameras, eval_cameras, multiview_order, sample_cameras, sample_multiview_cameras
-from dsd.config import CameraConfig, TrainerConfig
+from dsd.config import CameraConfig, Config, TrainerConfig
 from dsd.errors import UserError
 from dsd.guidance.base import Guidance, GuidanceContext
 from dsd.logging import console
@@ -104,6 +105,79 @@ class StopRequests:
             previous(self.signum, None)
 
 
+# trainer.seed_batch's default, for code that meets a null there (dsd.sharding); one value for every
+# representation (benchmarks/cpu_defaults.py: batching never slowed a representation down)
+DEFAULT_SEED_BATCH: int = TrainerConfig.seed_batch
+
+
+def apply_num_threads(num_threads: int) -> None:
+    """trainer.num_threads > 0: torch's intra-op threads for this process (0: leave torch's default).
+    Small tensors on a busy machine run far faster on one thread (benchmarks/cpu_defaults.py)."""
+    if num_threads < 0:
+        raise UserError(f"trainer.num_threads={num_threads} is not accepted; use 0 (torch's default) or a "
+                        "positive thread count.")
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def memory_budget_bytes(budget_gb: float | None, device: torch.device) -> float | None:
+    """trainer.memory_budget_gb in bytes; null: half the machine's memory on CPU, no cap on CUDA
+    (the per-seed estimates are CPU measurements); 0: no cap."""
+    if budget_gb is None:
+        return 0.5 * machine_memory_bytes() if device.type == "cpu" else None
+    if budget_gb < 0:
+        raise UserError(f"trainer.memory_budget_gb={budget_gb} is not accepted; use a size in GiB > 0, 0 (no cap) "
+                        "or null (half the memory on CPU).")
+    return budget_gb * 2**30 if budget_gb > 0 else None
+
+
+def machine_memory_bytes() -> float:
+    """Physical memory, or the cgroup's limit where lower (a Slurm job's --mem, a container)."""
+    total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, float(text))
+    return total
+
+
+def batch_step_bytes(cfg: Config) -> Callable[[int], float] | None:
+    """seeds -> the representation's estimate of a training step's peak memory at the largest
+    render size of the run (None: the representation gives no estimate)."""
+    from dsd import registry
+
+    estimate = getattr(registry.lookup("representation", cfg.representation.name), "step_memory_bytes", None)
+    schedule = getattr(cfg.representation, "resolutions", None) or []
+    size = max(schedule, default=None) or cfg.camera.resolution or getattr(cfg.prior, "image_size", None)
+    if estimate is None or size is None:
+        return None
+    # views per seed and step: a multi-view prior's F (MVDream; analytic mode=multiview), else the cameras'
+    multiview = getattr(cfg.prior, "num_views", None) and getattr(cfg.prior, "mode", "multiview") == "multiview"
+    views = cfg.prior.num_views if multiview else cfg.camera.views_per_step
+    return lambda seeds: float(estimate(cfg.representation, int(size), int(views), seeds))
+
+
+def resolve_seed_batch(cfg: Config, device: torch.device) -> int:
+    """trainer.seed_batch, lowered (with a note) to the most seeds whose estimated step memory
+    fits trainer.memory_budget_gb; at least one seed."""
+    chosen = cfg.trainer.seed_batch or DEFAULT_SEED_BATCH
+    budget = memory_budget_bytes(cfg.trainer.memory_budget_gb, device)
+    estimate = batch_step_bytes(cfg)
+    if budget is None or estimate is None or estimate(chosen) <= budget:
+        return chosen
+    fitting = max([n for n in range(1, chosen) if estimate(n) <= budget], default=1)
+    shared = getattr(cfg.guidance, "particles", None) == "shared"
+    console.print(
+        f"note: trainer.seed_batch {chosen} -> {fitting}: a {cfg.representation.name} step of {chosen} seeds needs "
+        f"about {estimate(chosen) / 2**30:.1f} GiB and trainer.memory_budget_gb allows {budget / 2**30:.1f} GiB"
+        + (" (guidance.particles=shared: fewer seeds share each φ)" if shared else "")
+        + ("; even one seed exceeds it" if estimate(1) > budget else "") + ".", markup=False, soft_wrap=True)
+    return fitting
+
+
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         # betas/eps of the official DSD config (configs/dsd.yaml)
@@ -126,6 +200,7 @@ class Trainer:
         fingerprint: dict | None = None,
     ) -> None:
         self.prior, self.guidance, self.prompt, self.cfg = prior, guidance, prompt, cfg
+        apply_num_threads(cfg.num_threads)  # once per run, before any step
         # what a checkpoint must have been written with to be resumed by this run (see run.py)
         self.fingerprint = fingerprint
         self.saved: dict[int, int] = {}  # seed -> step of its checkpoint on disk (written or resumed)

@@ -84,6 +84,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("trainer.lr", "guidance.lr", "guidance.phi_lr"), _in(0, math.inf, lo_open=True),
          "a learning rate > 0 (or null where the default is null)"),
     Rule(("representation.lr_*",), _in(0, math.inf), "a learning rate >= 0"),
+    Rule(("trainer.num_threads", "trainer.memory_budget_gb"), _in(0, math.inf),
+         "a value >= 0 (0: torch's default threads / no memory cap)"),
     Rule(("trainer.lambda_*", "camera.*_perturb", "camera.quantize_deg", "guidance.delta_ratio",
           "guidance.plus_ratio", "guidance.eta", "guidance.inversion_eta", "guidance.weight",
           "guidance.lambda_rgb", "representation.opacity_reg", "representation.scale_reg"),

@@ -151,6 +151,24 @@ def convexity_loss(normal_map: Tensor, res: int) -> Tensor:
     return -(horizontal.mean() + vertical.mean())
 
 
+# Peak memory of one training step on CPU (normals on, as at step 0 of the defaults): about 1 GiB
+# once per step, plus per ray sample of every seed a part for the MLPs and the autograd graph and
+# a part per hash-grid feature (levels x features per level). Fitted to the step's share of
+# ru_maxrss at the defaults (8 x 2 features; 1 and 2 seeds at 64 and 128 px: 1.68, 2.37, 3.88,
+# 6.76 GiB) and a 16 x 2 grid with 2^19 entries (64 px: 1.91, 3.07 GiB) (benchmarks/
+# cpu_defaults.py --only memory, docs/benchmarks.md). The MLP width was not varied.
+STEP_FIXED_BYTES = 1.0 * 2**30
+STEP_BYTES_PER_SAMPLE = 1000.0
+STEP_BYTES_PER_SAMPLE_FEATURE = 120.0
+
+
+def step_memory_bytes(cfg: NerfConfig, size: int, views: int, seeds: int = 1) -> float:
+    """Estimated peak bytes of one training step of `seeds` seeds at `size`² px and `views` views each."""
+    samples = seeds * views * size * size * (cfg.num_samples + cfg.num_importance_samples)
+    per_sample = STEP_BYTES_PER_SAMPLE + STEP_BYTES_PER_SAMPLE_FEATURE * cfg.num_levels * cfg.features_per_level
+    return STEP_FIXED_BYTES + samples * per_sample
+
+
 def require_nerfstudio() -> None:
     """nerfstudio is imported only when a NeRF is built (2D and Gaussian runs work without it)."""
     try:
@@ -194,6 +212,7 @@ class NerfRepresentation(Representation):
     """One hash-grid NeRF per seed, starting from the same soft sphere for every seed."""
 
     is_3d = True
+    step_memory_bytes = staticmethod(step_memory_bytes)  # read by dsd.trainer.resolve_seed_batch
 
     def __init__(self, cfg: NerfConfig, prior=None, device: torch.device | str = "cpu") -> None:
         super().__init__()
