@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dsd.errors import UserError
 from dsd.metrics.fid import InceptionFeatures, extract_features, fid, frechet_distance
 from dsd.metrics.vendi import mean_pairwise_distance, vendi_score
+from tests.eval_networks import ALEX_CONVS, random_alex_files, random_inception_file, tiny_clip_folder
 
 # ---------------------------------------------------------------- Vendi score, pairwise distance
 
@@ -133,24 +134,6 @@ def test_fid_generic_extractor_zero_on_itself_and_grows_with_shift():
 # ---------------------------------------------------------------- FID Inception network
 
 
-def _random_inception_file(tmp_path, seed=0):
-    """A random-weight FID Inception saved like pytorch-fid's weights file. Variance-preserving conv init
-    and non-trivial BN statistics, so the 2048-D features are O(1) and every loaded buffer matters."""
-    torch.manual_seed(seed)
-    net = InceptionFeatures()
-    for name, tensor in net.state_dict().items():
-        if name.endswith("conv.weight"):
-            torch.nn.init.kaiming_normal_(tensor, nonlinearity="relu")
-        elif name.endswith("bn.running_var"):
-            tensor.uniform_(0.5, 1.5)
-        elif name.endswith("bn.running_mean") or name.endswith("bn.bias"):
-            tensor.normal_(0, 0.1)
-    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    path = tmp_path / "pt_inception.pth"
-    torch.save(state, path)
-    return path, state
-
-
 def test_inception_layout_matches_the_fid_weights():
     net = InceptionFeatures()
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -167,7 +150,7 @@ def test_inception_layout_matches_the_fid_weights():
 
 
 def test_inception_from_file_features_and_fid(tmp_path):
-    path, state = _random_inception_file(tmp_path)
+    path, state = random_inception_file(tmp_path)
     net = InceptionFeatures.from_file(str(path), key="--inception")
     for k, v in state.items():
         assert torch.equal(net.state_dict()[k], v), k
@@ -197,30 +180,6 @@ def test_inception_from_file_errors_name_the_key(tmp_path):
 # ---------------------------------------------------------------- CLIP / DINOv2 features, CLIP-SIM
 
 
-def _tiny_clip_folder(tmp_path, seed=0):
-    """A seeded random CLIPModel (32 px, patch 8, 16-d projection) + word-level tokenizer + PIL image
-    processor config, saved the way hub checkpoints are laid out (one folder, save_pretrained)."""
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from tests.tiny_sd import WORDS, build_tokenizer
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    folder = tmp_path / "clip"
-    CLIPModel(config).save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 def _uint8_images(n, side, seed):
     """Images on the 1/255 grid, so the PIL reference pipeline sees exactly the same pixels."""
     gen = torch.Generator().manual_seed(seed)
@@ -242,7 +201,7 @@ def test_clip_similarity_matches_raw_transformers_model(tmp_path):
 
     from dsd.metrics.image_features import ClipScorer
 
-    folder = _tiny_clip_folder(tmp_path)
+    folder = tiny_clip_folder(tmp_path)
     images = _uint8_images(3, 32, seed=5)
     prompt = "a photo of a red apple"
     scorer = ClipScorer.from_pretrained(str(folder), key="--clip")
@@ -269,7 +228,7 @@ def test_clip_image_encoder_from_full_clip_checkpoint(tmp_path):
 
     from dsd.metrics.image_features import ImageEncoder
 
-    folder = _tiny_clip_folder(tmp_path, seed=1)
+    folder = tiny_clip_folder(tmp_path, seed=1)
     images = _uint8_images(4, 32, seed=6)
     encoder = ImageEncoder.from_pretrained(str(folder), kind="clip", key="--features")
     feats = encoder.features(images)
@@ -329,7 +288,7 @@ def test_clip_loader_refuses_wrong_or_incomplete_checkpoints(tmp_path):
 
     from dsd.metrics.image_features import ClipScorer
 
-    clip = _tiny_clip_folder(tmp_path, seed=3)
+    clip = tiny_clip_folder(tmp_path, seed=3)
     model = CLIPModel.from_pretrained(clip)
     partial = tmp_path / "partial"
     state = {k: v for k, v in model.state_dict().items() if k != "text_projection.weight"}
@@ -344,25 +303,6 @@ def test_clip_loader_refuses_wrong_or_incomplete_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------- LPIPS
-
-
-ALEX_CONVS = {0: (64, 3, 11, 4, 2), 3: (192, 64, 5, 1, 2), 6: (384, 192, 3, 1, 1), 8: (256, 384, 3, 1, 1),
-              10: (256, 256, 3, 1, 1)}  # torchvision AlexNet.features index: (out, in, kernel, stride, pad)
-
-
-def _random_alex_files(tmp_path, seed=0):
-    """torchvision-keyed AlexNet weights (with its classifier keys) and lpips-keyed nonnegative heads."""
-    gen = torch.Generator().manual_seed(seed)
-    backbone = {}
-    for i, (cout, cin, k, _, _) in ALEX_CONVS.items():
-        backbone[f"features.{i}.weight"] = torch.randn(cout, cin, k, k, generator=gen) * (2 / (cin * k * k)) ** 0.5
-        backbone[f"features.{i}.bias"] = torch.randn(cout, generator=gen) * 0.1
-    backbone["classifier.1.weight"] = torch.randn(8, 9216, generator=gen)  # ignored, as in the real file
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen)
-             for k, c in enumerate([64, 192, 384, 256, 256])}
-    torch.save(backbone, tmp_path / "alexnet.pth")
-    torch.save(heads, tmp_path / "alex_lin.pth")
-    return tmp_path / "alexnet.pth", tmp_path / "alex_lin.pth", backbone, heads
 
 
 def _reference_lpips(a, b, backbone, heads):
@@ -394,7 +334,7 @@ def _reference_lpips(a, b, backbone, heads):
 def test_lpips_matches_reference_and_is_a_distance(tmp_path):
     from dsd.metrics.lpips import LPIPS
 
-    bpath, lpath, backbone, heads = _random_alex_files(tmp_path)
+    bpath, lpath, backbone, heads = random_alex_files(tmp_path)
     model = LPIPS.from_files(str(bpath), str(lpath), net="alex", key="--lpips")
     gen = torch.Generator().manual_seed(8)
     a, b = torch.rand(3, 3, 64, 64, generator=gen), torch.rand(3, 3, 64, 64, generator=gen)
@@ -409,7 +349,7 @@ def test_lpips_matches_reference_and_is_a_distance(tmp_path):
 def test_pairwise_lpips_symmetric_zero_diagonal(tmp_path):
     from dsd.metrics.lpips import LPIPS, pairwise_lpips
 
-    bpath, lpath, _, _ = _random_alex_files(tmp_path, seed=1)
+    bpath, lpath, _, _ = random_alex_files(tmp_path, seed=1)
     model = LPIPS.from_files(str(bpath), str(lpath))
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     images[3] = images[0]  # a duplicate shape
@@ -424,7 +364,7 @@ def test_pairwise_lpips_symmetric_zero_diagonal(tmp_path):
 def test_lpips_loader_errors_name_the_key(tmp_path):
     from dsd.metrics.lpips import LPIPS
 
-    bpath, lpath, backbone, heads = _random_alex_files(tmp_path)
+    bpath, lpath, backbone, heads = random_alex_files(tmp_path)
     with pytest.raises(UserError, match=r"--lpips backbone='/no/alexnet\.pth' is not a file.*local path"):
         LPIPS.from_files("/no/alexnet.pth", str(lpath))
     torch.save({k: v for k, v in heads.items() if k != "lin4.model.1.weight"}, tmp_path / "short.pth")

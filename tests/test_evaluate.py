@@ -18,6 +18,7 @@ from dsd.evaluate import main
 from dsd.outputs import load_views, save_views
 from dsd.run import run
 from dsd.sample import sample
+from tests.eval_networks import random_alex_files, random_inception_file, tiny_clip_folder, tiny_dinov2_folder
 
 TINY_2D = ("prior.image_size=16", "prior.num_references=5", "seeds=2", "trainer.checkpoint_every=0")
 # dsd_sampling with as many steps as DDIM steps is DDIM itself (tests/test_run.py): it reaches
@@ -226,32 +227,20 @@ def test_the_table_is_logged_to_wandb(monkeypatch, sweep_2d, tmp_path):
     assert logged["job_type"] == "eval" and logged["finished"]
 
 
-def tiny_dinov2_folder(tmp_path: Path) -> Path:
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(3)
-    folder = tmp_path / "dinov2"
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=2,
-                             image_size=16, patch_size=4)).save_pretrained(folder)
-    return folder
-
-
 def test_network_metrics_with_random_weight_models(sweep_2d, tmp_path):
     """Every weight-based metric on random-weight networks of the real architectures, wired as the
     protocol says: CLIP-SIM x100 over every render, Vendi / LPIPS over the seeds from one camera, FID
     against --fid-samples prior samples of other seeds than the run's."""
     import torch
-    from test_eval_metrics import _random_alex_files, _random_inception_file, _tiny_clip_folder
 
     from dsd.metrics.fid import InceptionFeatures
     from dsd.metrics.image_features import ClipScorer, ImageEncoder
     from dsd.metrics.lpips import LPIPS
 
-    clip = _tiny_clip_folder(tmp_path)
+    clip = tiny_clip_folder(tmp_path)
     dinov2 = tiny_dinov2_folder(tmp_path)
-    inception, _ = _random_inception_file(tmp_path)
-    backbone, linear, _, _ = _random_alex_files(tmp_path)
+    inception, _ = random_inception_file(tmp_path)
+    backbone, linear, _, _ = random_alex_files(tmp_path)
     run_dir = tmp_path / "run"
     shutil.copytree(run_dirs(sweep_2d)[0], run_dir)
     evaluate(run_dir, "--cache", tmp_path / "cache", "--clip", clip, "--dinov2", dinov2, "--inception", inception,
