@@ -76,7 +76,8 @@ class OdeTrajectories:
         store = self.trajectories if self.enabled else {}
         rows_of: dict[Hashable, int] = {}
         for row, key in enumerate(keys):
-            store[key] = store.pop(key) if key in store else Trajectory(xs=[eps_star[row]])  # most recent last
+            # a copy: a view would keep (and checkpoint) the whole step's ε* batch alive
+            store[key] = store.pop(key) if key in store else Trajectory(xs=[eps_star[row].clone()])  # most recent last
             rows_of.setdefault(key, row)
         for seed in {seed_of(key) for key in rows_of}:
             needed = sum(seed_of(key) == seed for key in rows_of)

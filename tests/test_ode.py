@@ -194,6 +194,9 @@ def test_checkpointed_trajectories_rebuild_their_states_bit_for_bit():
     ode.eps_at(keys, eps_star, cond, torch.tensor([2, 4]))  # one partial, one whole trajectory
     saved = ode.state_for(7)
     assert all(set(v) == {"start", "eps"} for v in saved.values())
+    # each start is its own row, not a view of the whole batch of ε* it came in (which torch.save would write)
+    assert all(v["start"].untyped_storage().nbytes() == v["start"].numel() * v["start"].element_size()
+               for v in saved.values())
     restored = OdeTrajectories(prior, 4, 7.5)
     restored.load_state(saved)
     for key in keys:

@@ -77,8 +77,11 @@ class OdeGuidance(Guidance):
         self.ode_camera_deg = float(getattr(cfg, "ode_camera_deg", 0.0))  # only DSDConfig has it
         if not 0 <= self.ode_camera_deg <= 180:
             raise UserError(f"guidance.ode_camera_deg={cfg.ode_camera_deg} must be in [0, 180] (0: off).")
+        max_per_seed = getattr(cfg, "ode_cache_per_seed", 128)  # only DSDConfig has it
+        if max_per_seed < 1:
+            raise UserError(f"guidance.ode_cache_per_seed={max_per_seed} must be >= 1 (trajectories kept per seed).")
         self.ode = OdeTrajectories(prior, cfg.ode_steps, cfg.ode_cfg_scale, enabled=cfg.ode_cache,
-                                   max_per_seed=getattr(cfg, "ode_cache_per_seed", 128))
+                                   max_per_seed=max_per_seed)
 
     def ode_condition(self, ctx: GuidanceContext) -> tuple[list, Condition]:
         """(trajectory keys, condition) of the rows' ODEs: their own cameras', or with

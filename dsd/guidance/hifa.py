@@ -106,13 +106,14 @@ class HiFA(Guidance):
 
     def image_term(self, x, target):
         """J_D(x)ᵀ·(D(x) − D(target)), by autograd through the prior's decoder."""
+        with torch.no_grad():  # the target needs no backward through the decoder
+            aim = self.prior.decode(target.detach())
         with torch.enable_grad():
             source = x.detach().requires_grad_(True)
-            pixels = self.prior.decode(torch.cat([source, target.detach()]))
-            if not pixels.requires_grad:
+            own = self.prior.decode(source)
+            if not own.requires_grad:
                 raise UserError(f"guidance.lambda_rgb={self.cfg.lambda_rgb} needs a prior whose decode is "
                                 f"differentiable ({self.prior.name}'s is not); set guidance.lambda_rgb=0.")
-            own, aim = pixels[: len(x)], pixels[len(x) :].detach()
             (pulled,) = torch.autograd.grad(own, source, grad_outputs=own.detach() - aim)
         return pulled.to(x)
 
