@@ -384,6 +384,8 @@ class Networks:
     dinov2: Any = None
     inception: Any = None
     lpips: Any = None
+    # Inception features of each cached reference-sample dir: every method of a prompt shares one
+    reference_features: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, opts: Options) -> Networks:
@@ -438,7 +440,7 @@ def network_metrics(record: RunRecord, nets: Networks, opts: Options) -> dict:
             per_view.append(float(d[i, j].mean()) if len(i) else 0.0)
         out["lpips_pairwise"] = float(np.mean(per_view))
     if nets.inception is not None:
-        out.update(fid_metrics(record, flat, nets.inception, opts))
+        out.update(fid_metrics(record, flat, nets, opts))
     return out
 
 
@@ -452,17 +454,22 @@ def lpips_input(images: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
-def fid_metrics(record: RunRecord, renders: np.ndarray, inception, opts: Options) -> dict:
+def fid_metrics(record: RunRecord, renders: np.ndarray, nets: Networks, opts: Options) -> dict:
     if record.config is None:
         raise UserError(f"--inception (FID) needs the run's prior config, but {record.run_dir}/.hydra/config.yaml "
                         "is missing; FID compares with samples of that prior.")
-    from dsd.metrics.fid import fid
+    if len(renders) < 2:
+        raise UserError(f"{record.run_dir}: FID needs at least 2 renders and this run has {len(renders)}; "
+                        "run more seeds or evaluate it with --metrics exact,pixel.")
+    from dsd.metrics.fid import extract_features, frechet_distance
 
     seeds = list(range(REFERENCE_SEED_OFFSET, REFERENCE_SEED_OFFSET + opts.fid_samples))
     ref_dir = cached_samples(two_d_config(record.config), record.prompt, seeds, opts.cache, opts.device)
-    reference = sample_images(ref_dir)
-    return {"fid": fid(as_images(renders), as_images(reference), inception), "fid_reference_samples": len(reference),
-            "fid_reference_dir": str(ref_dir)}
+    if ref_dir not in nets.reference_features:
+        nets.reference_features[ref_dir] = extract_features(as_images(sample_images(ref_dir)), nets.inception)
+    reference = nets.reference_features[ref_dir]
+    return {"fid": frechet_distance(extract_features(as_images(renders), nets.inception), reference),
+            "fid_reference_samples": len(reference), "fid_reference_dir": str(ref_dir)}
 
 
 def pixel_metrics(record: RunRecord) -> dict:

@@ -301,3 +301,10 @@ def test_paper_preset_sweeps_15_prompts_10_seeds_and_the_table_2_methods():
     assert sweeps["seeds"] == [list(range(10))]
     assert set(sweeps["guidance"]) == {"sds", "hifa", "sdi", "consistent3d", "vsd", "dsd"}
     assert cfg.camera.eval_views == 10  # 10 shapes x 10 views = the paper's 100 renders per prompt
+
+
+def test_fid_of_a_one_seed_run_exits_2_naming_the_run(capsys, tmp_path):
+    run_dir = write_run(tmp_path / "sweep", 0, ("guidance=sds", "seeds=1", "trainer.steps=2", "prior.image_size=16"))
+    inception, _ = random_inception_file(tmp_path)
+    err = expect_exit_2(capsys, run_dir, "--cache", tmp_path / "cache", "--inception", inception, "--fid-samples", "2")
+    assert "FID needs at least 2 renders" in err and str(run_dir) in err.replace("\n", "")
