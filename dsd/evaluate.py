@@ -392,10 +392,13 @@ class Networks:
         nets = cls()
         if opts.metrics & {"clip_sim", "clip_diversity"}:
             features = _metrics_module("image_features", "--clip")
-            if "clip_diversity" in opts.metrics:
-                nets.clip_encoder = features.ImageEncoder.from_pretrained(opts.clip, kind="clip", key="--clip")
             if "clip_sim" in opts.metrics:
                 nets.clip_scorer = features.ClipScorer.from_pretrained(opts.clip, key="--clip")
+            if "clip_diversity" in opts.metrics:  # the scorer's CLIP when loaded: one copy of the model
+                nets.clip_encoder = (
+                    features.ImageEncoder(nets.clip_scorer.model, "clip", nets.clip_scorer.preprocess)
+                    if nets.clip_scorer is not None
+                    else features.ImageEncoder.from_pretrained(opts.clip, kind="clip", key="--clip"))
         if "dinov2_diversity" in opts.metrics:
             features = _metrics_module("image_features", "--dinov2")
             nets.dinov2 = features.ImageEncoder.from_pretrained(opts.dinov2, kind="dinov2", key="--dinov2")
