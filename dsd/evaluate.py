@@ -313,8 +313,9 @@ def exact_metrics(record: RunRecord) -> dict:
     s = record.summary
     if "distinct_references" not in s:
         return {}
-    k = record.config.prior.num_references if record.config is not None and hasattr(record.config.prior, "num_references") \
-        else None
+    k = s.get("num_references")  # written by runs since it was added
+    if k is None and record.config is not None and hasattr(record.config.prior, "num_references"):
+        k = record.config.prior.num_references
     if k is None and s.get("prior") == "analytic":
         from dsd.priors.analytic import AnalyticPriorConfig
 

@@ -77,9 +77,10 @@ def reference_summary(prior, prompt: str, entries: list[dict], cameras: Cameras 
     refs = reference_set(prior, prompt, cameras)
     if refs is None or not entries or "nearest_reference" not in entries[0]:
         return {}
-    return summarize_references(
+    summary = summarize_references(
         [e["nearest_reference"] for e in entries], [e["psnr_to_reference"] for e in entries], reach_threshold_db(refs)
     )
+    return {**summary, "num_references": len(refs)}  # K, so coverage (distinct / K) needs no config
 
 
 def check_prior_fits_representation(prior, cfg: Config) -> None:

@@ -108,6 +108,7 @@ def test_eval_writes_per_run_metrics_and_the_sweep_table(sweep_2d, tmp_path):
         assert m["distinct_references"] == summary["distinct_references"]
         assert m["median_psnr_db"] == pytest.approx(summary["median_psnr_to_reference"])
         assert m["coverage"] == pytest.approx(summary["distinct_references"] / 5)  # prior.num_references=5
+        assert summary["num_references"] == 5  # summary.json carries K itself (runs without .hydra too)
         # ODE agreement: the DDIM sample of each seed, sampled here
         ddim = sample(cfg, tmp_path / "ddim" / run_dir.name)["seeds"]
         agree = np.mean([e["nearest_reference"] == d["nearest_reference"] for e, d in zip(summary["seeds"], ddim)])
