@@ -42,7 +42,10 @@ from dsd.trainer import (
 )
 
 # trainer keys that do not change a seed's result, so a resumed run may change them
-RESUMABLE_TRAINER_KEYS = ("resume", "auto_resume", "checkpoint_every", "log_every", "seed_batch", "max_nonfinite_steps")
+RESUMABLE_TRAINER_KEYS = ("resume", "auto_resume", "checkpoint_every", "log_every", "seed_batch", "max_nonfinite_steps",
+                          "memory_budget_gb")  # the budget only picks the seed batch, itself resumable
+# written only to the end-of-run outputs: a resume may change them
+OUTPUT_ONLY_CAMERA_KEYS = ("video_frames", "video_resolution")
 
 
 def build_prior(cfg: Config, device: torch.device):
@@ -184,7 +187,8 @@ def run_fingerprint(cfg: Config) -> dict:
     """The config keys a checkpoint must share with the run that resumes it (JSON values)."""
     trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in RESUMABLE_TRAINER_KEYS}
     tree = {"prompt": cfg.prompt, "guidance": asdict(cfg.guidance), "prior": asdict(cfg.prior),
-            "representation": asdict(cfg.representation), "camera": asdict(cfg.camera), "trainer": trainer}
+            "representation": asdict(cfg.representation), "trainer": trainer,
+            "camera": {k: v for k, v in asdict(cfg.camera).items() if k not in OUTPUT_ONLY_CAMERA_KEYS}}
     return flatten(json.loads(json.dumps(tree, default=str)))
 
 

@@ -80,7 +80,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("camera.resolution", "guidance.map_resolution"), _in(8, math.inf), "an integer >= 8, or null"),
     # H.264 (yuv420p) needs even frame sizes
     Rule(("camera.video_resolution",), lambda v: v >= 8 and v % 2 == 0, "an even integer >= 8"),
-    Rule(("camera.video_frames", "trainer.checkpoint_every"), _in(0, math.inf), "an integer >= 0 (0: off)"),
+    Rule(("camera.video_frames", "trainer.checkpoint_every", "trainer.max_nonfinite_steps"), _in(0, math.inf),
+         "an integer >= 0 (0: off)"),
     Rule(("trainer.lr", "guidance.lr", "guidance.phi_lr"), _in(0, math.inf, lo_open=True),
          "a learning rate > 0 (or null where the default is null)"),
     Rule(("representation.lr_*",), _in(0, math.inf), "a learning rate >= 0"),

@@ -100,6 +100,7 @@ CASES = [
     c("lr-negative", "trainer.lr=-0.1", "trainer.lr", "-0.1", "> 0"),
     c("seed-batch-0", "trainer.seed_batch=0", "trainer.seed_batch", "=0", ">= 1"),
     c("ode-cache-0", "guidance.ode_cache_per_seed=0", "guidance.ode_cache_per_seed", "=0", ">= 1"),
+    c("nonfinite-limit-negative", "trainer.max_nonfinite_steps=-1", "trainer.max_nonfinite_steps", "-1", ">= 0"),
     c("threads-negative", "trainer.num_threads=-1", "trainer.num_threads", "-1", ">= 0"),
     c("memory-budget-negative", "trainer.memory_budget_gb=-2", "trainer.memory_budget_gb", "-2", ">= 0"),
     c("steps-negative", "trainer.steps=-3", "trainer.steps", "-3", ">= 1"),

@@ -287,6 +287,14 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_file(compose, tmp_
     assert (tmp_path / "run/seed_0/checkpoint.pt").read_bytes() == before
 
 
+def test_output_only_and_budget_keys_may_change_on_resume(compose, tmp_path, interrupt_at_step):
+    """A requeued job on a smaller machine, or a resume that skips the video, is not another run."""
+    interrupted_run(compose, tmp_path / "run", interrupt_at_step)
+    run(compose(*IMAGE, "trainer.checkpoint_every=2", "trainer.resume=true", "trainer.memory_budget_gb=4",
+                "camera.video_frames=0", "camera.video_resolution=32"), tmp_path / "run")
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
 def test_a_full_disk_is_a_user_error_naming_the_file(compose, tmp_path, monkeypatch):
     from dsd import outputs
 
